@@ -1,0 +1,30 @@
+# Two commands on a fresh machine with Python 3.11:  `make demo`  and  `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+SHAKESPEARE ?= ../shared/data/tinyshakespeare/input.txt
+
+.PHONY: setup demo test test-slow bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)  ## set up, then train the default recipe end to end and sample from it
+	$(BIN)/armodal train text_code_cpu
+
+test: $(STAMP)  ## set up, then run the default (CPU, < 15 min) test suite
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)  ## the long end-to-end tests (the full demo, README commands)
+	$(BIN)/python -m pytest -q -m slow
+
+bench: $(STAMP)  ## char-level shakespeare against wall-clock (needs the data file)
+	$(BIN)/python bench/text_shakespeare.py --data $(SHAKESPEARE)
+
+clean:
+	rm -rf $(VENV) runs

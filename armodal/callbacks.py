@@ -1,0 +1,105 @@
+"""Training callbacks armodal adds to Lightning's: a loss-curve PNG and generated samples."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from armodal.generation import DecodingConfig, generate
+from armodal.tokenizers.base import Tokenizer
+from armodal.tokenizers.space import TokenSpace
+
+
+class LossCurve(L.Callback):
+    """Collects train and val loss per step and redraws `path` after every validation."""
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+        self.train: list[tuple[int, float]] = []
+        self.val: list[tuple[int, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.train.append((trainer.global_step, float(loss)))
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or "val/loss" not in trainer.callback_metrics:
+            return
+        self.val.append((trainer.global_step, float(trainer.callback_metrics["val/loss"])))
+        self.draw()
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self.draw()
+
+    def draw(self) -> None:
+        if not self.train:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only; never needs a display
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        steps, losses = zip(*self.train)
+        ax.plot(steps, losses, lw=0.8, alpha=0.6, label="train")
+        if self.val:
+            vsteps, vlosses = zip(*self.val)
+            ax.plot(vsteps, vlosses, "o-", label="val")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats / token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.stem + ".tmp.png")
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        tmp.replace(self.path)
+
+
+class SampleText(L.Callback):
+    """Generates from `prompt` after each validation and logs the decoded text."""
+
+    def __init__(self, tokenizer: Tokenizer, space: TokenSpace, prompt: str,
+                 decoding: DecodingConfig, path: str):
+        self.tokenizer, self.space, self.prompt, self.decoding = tokenizer, space, prompt, decoding
+        self.path = Path(path)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        text = sample_text(pl_module.model, self.tokenizer, self.space, self.prompt,
+                           self.decoding)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(f"--- step {trainer.global_step}\n{text}\n")
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_text"):  # wandb: a table row per validation
+                logger.log_text("samples", columns=["step", "text"],
+                                data=[[trainer.global_step, text]], step=trainer.global_step)
+
+
+def sample_text(model: torch.nn.Module, tokenizer: Tokenizer, space: TokenSpace, prompt: str,
+                decoding: DecodingConfig) -> str:
+    """Prompt text in, prompt + continuation text out (stops at eos)."""
+    prompt_ids = encode_prompt(tokenizer, space, prompt)
+    limit = model.config.max_seq_len - len(prompt_ids)
+    config = dataclasses.replace(decoding, max_new_tokens=min(decoding.max_new_tokens, limit),
+                              stop_token_ids=(space.eos_id,))
+    out = generate(model, [prompt_ids], config)
+    return prompt + decode_text(tokenizer, space, out.sequences[0])
+
+
+def encode_prompt(tokenizer: Tokenizer, space: TokenSpace, prompt: str) -> list[int]:
+    """bos + the prompt's global ids."""
+    local = tokenizer.encode(prompt) if prompt else torch.zeros(0, dtype=torch.long)
+    return [space.bos_id] + space.to_global(tokenizer.modality, local).tolist()
+
+
+def decode_text(tokenizer: Tokenizer, space: TokenSpace, ids: list[int]) -> str:
+    """Global ids to text; structural tokens (eos, pad) are dropped."""
+    segments = space.split(torch.tensor(ids, dtype=torch.long))
+    return "".join(tokenizer.decode(local) for modality, local in segments
+                   if modality == tokenizer.modality)

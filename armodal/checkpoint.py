@@ -1,0 +1,97 @@
+"""Exported model directories: safetensors weights + JSON metadata, no pickle.
+
+A run directory is finished when it holds both `model.safetensors` and `config.json`; both are
+written under temporary names and renamed into place, config last, so a process killed midway
+never leaves a directory that loads as finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+
+from armodal.model import ModelConfig, Transformer
+from armodal.tokenizers.base import Tokenizer, tokenizer_from_config
+from armodal.tokenizers.space import TokenSpace
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LoadedRun:
+    """Everything generate / eval need, rebuilt from a run directory."""
+
+    model: Transformer
+    space: TokenSpace
+    tokenizer: Tokenizer
+    meta: dict
+    path: Path
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_run(run_dir: str | Path, model: Transformer, space: TokenSpace, tokenizer: Tokenizer,
+             extra: dict | None = None) -> Path:
+    """Write model.safetensors + config.json (model config, TokenSpace, tokenizer state)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CONFIG).unlink(missing_ok=True)  # unfinished until the new config lands
+    tmp = run_dir / (WEIGHTS + ".tmp")
+    # save_model handles tied weights (shared storage), which save_file refuses.
+    save_model(model, str(tmp))
+    os.replace(tmp, run_dir / WEIGHTS)
+    config = {
+        "format_version": FORMAT_VERSION,
+        "model": model.config.to_dict(),
+        "space": space.to_dict(),
+        "tokenizer": tokenizer.config(),
+        **(extra or {}),
+    }
+    _atomic_write_text(run_dir / CONFIG, json.dumps(config, indent=2))
+    return run_dir
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
+    """Rebuild model, TokenSpace and tokenizer from a run directory written by save_run."""
+    run_dir = Path(run_dir).expanduser()
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {str(run_dir)!r} does not exist; pass "
+                                f"run=<dir> with a directory written by `armodal train`")
+    weights, config_path = run_dir / WEIGHTS, run_dir / CONFIG
+    if not weights.is_file() or not config_path.is_file():
+        missing = [p.name for p in (weights, config_path) if not p.is_file()]
+        raise FileNotFoundError(
+            f"run directory {str(run_dir)!r} has no {' / '.join(missing)}: the run did not "
+            f"finish, or this is not a run directory (it needs {WEIGHTS} and {CONFIG})")
+    try:
+        meta = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_path} is not valid JSON ({err}); the run directory is "
+                         f"damaged") from err
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{config_path} has format_version {meta.get('format_version')!r}; "
+                         f"this armodal reads version {FORMAT_VERSION}")
+    space = TokenSpace.from_dict(meta["space"])
+    tokenizer = tokenizer_from_config(meta["tokenizer"])
+    model = Transformer(ModelConfig(**meta["model"]))
+    try:
+        missing, unexpected = load_model(model, str(weights), strict=False)
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise ValueError(f"{weights} could not be read as safetensors weights for this "
+                         f"model ({type(err).__name__}: {err}); re-export the run") from err
+    if missing or unexpected:
+        raise ValueError(f"{weights} does not match {CONFIG}: missing {sorted(missing)}, "
+                         f"unexpected {sorted(unexpected)}")
+    return LoadedRun(model.to(device).eval(), space, tokenizer, meta, run_dir)

@@ -1,0 +1,142 @@
+"""`armodal train|generate|eval`: thin wrappers that compose a Hydra config and call a function.
+
+    armodal train [recipe] key=value ...          recipe: a name in recipes/ or a .yaml path
+    armodal generate run=<dir> prompt="..." decoding=<preset> decoding.temperature=0.7
+    armodal eval run=<dir> [data=<file|folder|glob>]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = ROOT / "conf"
+RECIPES_DIR = ROOT / "recipes"
+DEFAULT_RECIPE = "text_code_cpu"
+USAGE = __doc__.split("\n\n", 1)[1]
+
+
+class UsageError(Exception):
+    """Bad command-line input; printed as one line, exit status 2."""
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def resolve_recipe(recipe: str) -> tuple[Path, str]:
+    """A recipe name or a path to a .yaml file -> (config dir, config name)."""
+    path = Path(recipe)
+    if path.suffix in (".yaml", ".yml") or "/" in recipe:
+        path = path if path.suffix else path.with_suffix(".yaml")
+        if path.is_file():
+            return path.resolve().parent, path.stem
+    elif (RECIPES_DIR / f"{recipe}.yaml").is_file():
+        return RECIPES_DIR, recipe
+    raise UsageError(f"unknown recipe {recipe!r}; available: {', '.join(available_recipes())} "
+                     f"(or a path to a .yaml recipe)")
+
+
+def compose_config(config_dir: Path, name: str, overrides: list[str]):
+    """Compose like `armodal train` does, for tests and tools: conf/ is on the search path."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(config_dir), version_base=None):
+        return compose(name, overrides=[*overrides, f"hydra.searchpath=[file://{CONF_DIR}]"])
+
+
+def split_args(args: list[str]) -> tuple[str | None, list[str]]:
+    positional = [a for a in args if "=" not in a and not a.startswith("-")]
+    if len(positional) > 1:
+        raise UsageError(f"expected at most one recipe before key=value overrides, "
+                         f"got {positional}")
+    return (positional[0] if positional else None), [a for a in args if a not in positional]
+
+
+def run_train(args: list[str]) -> None:
+    import hydra
+
+    from armodal.train import train
+
+    recipe, overrides = split_args(args)
+    config_dir, name = resolve_recipe(recipe or DEFAULT_RECIPE)
+
+    def task(cfg) -> None:
+        with friendly_errors("train"):
+            train(cfg)
+
+    # Hand the overrides (and -m / --multirun, --cfg job, ...) to Hydra's own argument parser.
+    sys.argv = ["armodal train", *overrides, f"hydra.searchpath=[file://{CONF_DIR}]"]
+    hydra.main(config_path=str(config_dir), config_name=name, version_base=None)(task)()
+
+
+def run_generate(args: list[str]) -> None:
+    from hydra.utils import instantiate
+
+    from armodal.callbacks import decode_text, encode_prompt
+    from armodal.checkpoint import load_run
+    from armodal.generation import generate
+
+    cfg = compose_config(CONF_DIR, "generate", args)
+    run = load_run(cfg.run, cfg.device)
+    prompt_ids = encode_prompt(run.tokenizer, run.space, cfg.prompt)
+    decoding = instantiate(cfg.decoding, stop_token_ids=[run.space.eos_id])
+    out = generate(run.model, [prompt_ids] * cfg.num_samples, decoding)
+    for i, ids in enumerate(out.sequences):
+        if cfg.num_samples > 1:
+            print(f"--- sample {i} ({out.finish_reasons[i]})")
+        print(cfg.prompt + decode_text(run.tokenizer, run.space, ids))
+
+
+def run_eval(args: list[str]) -> None:
+    from armodal.evaluate import evaluate
+
+    cfg = compose_config(CONF_DIR, "eval", args)
+    result = evaluate(cfg.run, data=cfg.data, pattern=cfg.pattern, batch_size=cfg.batch_size,
+                      max_batches=cfg.max_batches, device=cfg.device)
+    print(f"{result.data}: {result.tokens} tokens, loss {result.nll:.4f} nats/token, "
+          f"perplexity {result.ppl:.3f}, {result.bits_per_unit:.4f} bits/{result.unit}")
+    print(json.dumps(result.as_dict()))
+
+
+class friendly_errors:
+    """Turn the errors a user can cause into one line on stderr and exit status 2."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, error, tb) -> bool:
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
+
+        user_errors = (UsageError, ValueError, FileNotFoundError, HydraException,
+                       OmegaConfBaseException)
+        if error is not None and isinstance(error, user_errors):
+            print(f"armodal {self.command}: error: {error}", file=sys.stderr)
+            sys.exit(2)
+        return False
+
+
+COMMANDS = {"train": run_train, "generate": run_generate, "eval": run_eval}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return
+    command = args[0]
+    if command not in COMMANDS:
+        with friendly_errors(command):
+            raise UsageError(f"unknown command {command!r}; use one of {', '.join(COMMANDS)}")
+    with friendly_errors(command):
+        COMMANDS[command](args[1:])
+
+
+if __name__ == "__main__":
+    main()

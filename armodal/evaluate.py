@@ -1,0 +1,90 @@
+"""evaluate(run_dir): NLL, perplexity and bits per unit on the val split or any text."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+
+from armodal.checkpoint import LoadedRun, load_run
+from armodal.data.shards import build_or_load_shards
+from armodal.data.sources import TextSource
+
+
+@dataclass
+class EvalResult:
+    nll: float  # nats per token
+    ppl: float
+    bits_per_unit: float
+    unit: str
+    tokens: int
+    data: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate(run_dir: str, data: str | None = None, pattern: str = "**/*", batch_size: int = 16,
+             max_batches: int | None = None, device: str = "cpu") -> EvalResult:
+    """Score a run on its own val split (data=None) or on a file / folder / glob of text."""
+    run = load_run(run_dir, device)
+    if data is None:
+        tokens, units_per_token, label = _val_split(run)
+    else:
+        tokens, units_per_token = _encode_source(run, TextSource(data, pattern=pattern))
+        label = data
+    nll = mean_nll(run.model, torch.from_numpy(tokens.astype(np.int64)), batch_size, max_batches)
+    return EvalResult(nll, math.exp(min(nll, 50.0)), nll / math.log(2) / units_per_token,
+                      run.tokenizer.unit, len(tokens), label)
+
+
+def _val_split(run: LoadedRun) -> tuple[np.ndarray, float, str]:
+    domain = run.meta["train_config"]["domain"]
+    source_cfg = domain["source"]
+    if not str(source_cfg.get("_target_", "")).startswith("armodal."):
+        raise ValueError(f"run config names source {source_cfg.get('_target_')!r}; only "
+                         f"armodal's own sources are rebuilt from a run directory")
+    data = domain["data"]
+    # Same cache key as training (the fitted tokenizer state is not part of it): no re-tokenizing.
+    shards = build_or_load_shards(instantiate(source_cfg), run.tokenizer, run.space,
+                                  cache_dir=data["cache_dir"], val_fraction=data["val_fraction"],
+                                  split=data["split"], seed=run.meta["train_config"]["seed"])
+    return np.asarray(shards.val), shards.units_per_token("val"), "val split"
+
+
+def _encode_source(run: LoadedRun, source: TextSource) -> tuple[np.ndarray, float]:
+    ids, units = [], 0
+    for _, text in source.documents():
+        local = run.tokenizer.encode(text)
+        ids.append(run.space.to_global(run.tokenizer.modality, local).numpy())
+        ids.append(np.array([run.space.eos_id]))
+        units += run.tokenizer.count_units(text)
+    tokens = np.concatenate(ids)
+    return tokens, units / len(tokens)
+
+
+@torch.inference_mode()
+def mean_nll(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int,
+             max_batches: int | None = None) -> float:
+    """Mean next-token NLL over non-overlapping windows of the model's context length."""
+    seq_len = model.config.max_seq_len
+    n_windows = (len(tokens) - 1) // seq_len
+    if n_windows == 0:
+        raise ValueError(f"evaluation data has {len(tokens)} tokens; at least "
+                         f"{seq_len + 1} (one context window + 1) are needed")
+    windows = tokens[: n_windows * seq_len + 1].unfold(0, seq_len + 1, seq_len)  # (N, T+1)
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i, batch in enumerate(windows.split(batch_size)):
+        if max_batches is not None and i >= max_batches:
+            break
+        batch = batch.to(device)
+        logits = model(batch[:, :-1])  # (B, T, V)
+        total += F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(),
+                                 reduction="sum").item()
+        count += batch[:, 1:].numel()
+    return total / count

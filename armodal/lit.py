@@ -1,0 +1,123 @@
+"""ARModule: next-token prediction with teacher forcing, as a LightningModule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.optim.lr_scheduler import LambdaLR
+
+from armodal.model import ModelConfig, Transformer
+
+IGNORE_INDEX = -100
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 100,
+                  min_lr_ratio: float = 0.1) -> LambdaLR:
+    """Linear warmup to the base LR, then cosine decay to min_lr_ratio * base LR at total_steps."""
+    if total_steps <= 0:
+        raise ValueError(f"warmup_cosine needs total_steps > 0 (trainer.max_steps), "
+                         f"got {total_steps}")
+    warmup_steps = min(warmup_steps, total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return LambdaLR(optimizer, factor)
+
+
+def shift_targets(tokens: Tensor, loss_mask: Tensor | None, pad_id: int | None) -> tuple[Tensor, Tensor]:
+    """Split (B, T+1) windows into inputs (B, T) and targets (B, T).
+
+    Targets that are padding, or that loss_mask (B, T+1) marks False, become IGNORE_INDEX so
+    they carry no loss (e.g. prompt positions a recipe does not want learned).
+    """
+    inputs, targets = tokens[..., :-1], tokens[..., 1:].clone()
+    if pad_id is not None:
+        targets[targets == pad_id] = IGNORE_INDEX
+    if loss_mask is not None:
+        targets[~loss_mask[..., 1:].bool()] = IGNORE_INDEX
+    return inputs, targets
+
+
+class ARModule(L.LightningModule):
+    """Trains a Transformer on packed windows of global token ids.
+
+    Batches are (B, T+1) int64 tensors, or dicts with "tokens" and an optional "loss_mask".
+    `units_per_token` turns nats per token into bits per unit (bits per byte for text).
+    """
+
+    def __init__(self, model_config: ModelConfig, optimizer: Callable[..., torch.optim.Optimizer],
+                 scheduler: Callable[..., LambdaLR] | None = None, pad_id: int | None = None,
+                 units_per_token: float = 1.0, unit: str = "token", compile: bool = False):
+        super().__init__()
+        self.model_config = model_config
+        self.model = Transformer(model_config)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.pad_id = pad_id
+        self.units_per_token = units_per_token
+        self.unit = unit
+        # The compiled wrapper shares parameters with self.model, so state dicts keep plain keys.
+        self.forward_fn = torch.compile(self.model) if compile else self.model
+        self.val_history: list[tuple[int, float]] = []  # (global step, val loss) per validation
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.forward_fn(idx)
+
+    def loss(self, batch: Tensor | dict) -> tuple[Tensor, Tensor]:
+        """Mean cross-entropy over learned targets, and the number of learned targets."""
+        tokens, loss_mask = (batch["tokens"], batch.get("loss_mask")) \
+            if isinstance(batch, dict) else (batch, None)
+        inputs, targets = shift_targets(tokens, loss_mask, self.pad_id)
+        logits = self(inputs)  # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(),
+                               ignore_index=IGNORE_INDEX)
+        return loss, (targets != IGNORE_INDEX).sum()
+
+    def training_step(self, batch: Tensor | dict, batch_idx: int) -> Tensor:
+        loss, _ = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_nll = torch.zeros((), dtype=torch.float64)
+        self._val_count = torch.zeros((), dtype=torch.float64)
+
+    def validation_step(self, batch: Tensor | dict, batch_idx: int) -> None:
+        # Sum NLL over tokens (not a mean of batch means) so the epoch figure is exact.
+        loss, count = self.loss(batch)
+        self._val_nll += loss.detach().double().cpu() * count.cpu()
+        self._val_count += count.cpu()
+
+    def on_validation_epoch_end(self) -> None:
+        nll = self.all_gather(self._val_nll).sum() / self.all_gather(self._val_count).sum()
+        if not self.trainer.sanity_checking:
+            self.val_history.append((self.global_step, nll.item()))
+        self.log_dict(val_metrics(nll.item(), self.units_per_token, self.unit), prog_bar=True)
+
+    def configure_optimizers(self):
+        # Weight decay on matrices only; norms' gains are left alone, as in nanoGPT / Llama.
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2]},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        optimizer = self.optimizer_factory(groups)
+        if self.scheduler_factory is None:
+            return optimizer
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else \
+            int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_factory(optimizer, total_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def val_metrics(nll: float, units_per_token: float, unit: str) -> dict[str, float]:
+    """Loss (nats/token), perplexity and bits per unit from a mean NLL."""
+    return {"val/loss": nll, "val/ppl": math.exp(min(nll, 50.0)),
+            f"val/bits_per_{unit}": nll / math.log(2) / units_per_token}

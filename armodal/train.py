@@ -1,0 +1,108 @@
+"""train(cfg): from a composed Hydra config to an exported run directory, top to bottom."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from armodal.callbacks import SampleText
+from armodal.checkpoint import save_run
+from armodal.data import TokenDataModule
+from armodal.lit import ARModule
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_val_loss: float
+    final_val_loss: float
+    metrics: dict[str, float]
+    steps: int
+    seconds: float
+
+
+def resolve_run_dir(cfg: DictConfig) -> Path:
+    """cfg.run_dir, else Hydra's output dir, else runs/<name>/<timestamp>; fixed in cfg once."""
+    if cfg.run_dir is None:
+        if HydraConfig.initialized():
+            run_dir = HydraConfig.get().runtime.output_dir
+        else:
+            run_dir = f"runs/{cfg.name}/{datetime.now():%Y%m%d-%H%M%S}"
+        with open_dict(cfg):
+            cfg.run_dir = str(run_dir)
+    return Path(cfg.run_dir)
+
+
+def train(cfg: DictConfig) -> TrainResult:
+    """Tokenize (cached), build the model at the TokenSpace's vocab size, fit, export."""
+    start = time.perf_counter()
+    run_dir = resolve_run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "train_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    # Data first: a trainable tokenizer is fitted here, and it fixes the vocabulary size.
+    tokenizer = instantiate(cfg.domain.tokenizer)
+    datamodule = TokenDataModule(source=instantiate(cfg.domain.source), tokenizer=tokenizer,
+                                 seed=cfg.seed, **cfg.domain.data)
+    datamodule.prepare_shards()
+    space, shards = datamodule.space, datamodule.shards
+
+    model_config = instantiate(cfg.model, vocab_size=space.vocab_size)
+    module = ARModule(model_config, optimizer=instantiate(cfg.optim.optimizer),
+                      scheduler=instantiate(cfg.optim.scheduler), pad_id=space.pad_id,
+                      units_per_token=shards.units_per_token("val"), unit=tokenizer.unit,
+                      compile=cfg.compile)
+
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    decoding = instantiate(cfg.decoding)
+    if cfg.sample_every_validation:
+        callbacks.append(SampleText(tokenizer, space, cfg.domain.prompt, decoding,
+                                    path=str(run_dir / "samples.txt")))
+    loggers = [instantiate(c) for c in cfg.logger.values()]
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
+                                     default_root_dir=str(run_dir))
+    trainer.fit(module, datamodule=datamodule)
+    if not module.val_history or module.val_history[-1][0] != trainer.global_step:
+        trainer.validate(module, datamodule=datamodule, verbose=False)  # the final figure
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    final_val = module.val_history[-1][1]
+    best_val = min(loss for _, loss in module.val_history)
+
+    save_run(run_dir, module.model, space, tokenizer, extra={
+        "domain": cfg.domain.name,
+        "prompt": cfg.domain.prompt,
+        "decoding": OmegaConf.to_container(cfg.decoding, resolve=True),
+        "metrics": {"best_val_loss": best_val, **metrics},
+        "steps": trainer.global_step,
+        "train_config": OmegaConf.to_container(cfg, resolve=True),
+    })
+    result = TrainResult(run_dir, best_val, final_val, metrics, trainer.global_step,
+                         time.perf_counter() - start)
+    print(summary(result, tokenizer.unit))
+    return result
+
+
+def summary(result: TrainResult, unit: str) -> str:
+    """The end-of-run block: where the run is, how good it got, how to use it."""
+    bits = result.metrics.get(f"val/bits_per_{unit}", math.nan)
+    return "\n".join([
+        "",
+        "=" * 72,
+        f"run finished in {result.seconds:.0f} s, {result.steps} steps",
+        f"  run dir        {result.run_dir}",
+        f"  val loss       {result.final_val_loss:.4f} nats/token (best {result.best_val_loss:.4f})",
+        f"  val bits/{unit:<6}{bits:.4f}",
+        f"  loss curve     {result.run_dir / 'loss_curve.png'}",
+        f"  generate       armodal generate run={result.run_dir} prompt=\"...\"",
+        f"  evaluate       armodal eval run={result.run_dir}",
+        "=" * 72,
+    ])
