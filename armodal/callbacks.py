@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import lightning as L
@@ -25,11 +26,11 @@ class LossCurve(L.Callback):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.train.append((trainer.global_step, float(loss)))
 
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or "val/loss" not in trainer.callback_metrics:
-            return
-        self.val.append((trainer.global_step, float(trainer.callback_metrics["val/loss"])))
-        self.draw()
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # Runs after ARModule.on_validation_epoch_end has recorded this validation's loss.
+        self.val = list(getattr(pl_module, "val_history", []))
+        if not trainer.sanity_checking:
+            self.draw()
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self.draw()
@@ -103,3 +104,47 @@ def decode_text(tokenizer: Tokenizer, space: TokenSpace, ids: list[int]) -> str:
     segments = space.split(torch.tensor(ids, dtype=torch.long))
     return "".join(tokenizer.decode(local) for modality, local in segments
                    if modality == tokenizer.modality)
+
+
+class WallClock(L.Callback):
+    """Training wall-clock with validation time taken out, and tokens/s; logged at validation.
+
+    `history` holds (global step, training seconds so far) per validation, so val loss can be
+    read against time (the shakespeare benchmark does). Data loading counts as training.
+    """
+
+    def __init__(self):
+        self.seconds = 0.0  # training time up to the last pause
+        self.tokens = 0
+        self.history: list[tuple[int, float]] = []
+        self._running_since: float | None = None
+        self._paused = False
+
+    def elapsed(self) -> float:
+        running = time.perf_counter() - self._running_since if self._running_since else 0.0
+        return self.seconds + running
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._running_since = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        tokens = batch["tokens"] if isinstance(batch, dict) else batch
+        self.tokens += tokens[..., 1:].numel()
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._paused = self._running_since is not None  # False for a validate() after fit
+        self.seconds, self._running_since = self.elapsed(), None
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or not self._paused:
+            return
+        self.history.append((trainer.global_step, self.seconds))
+        pl_module.log_dict({"time/train_seconds": self.seconds,
+                            "time/tokens_per_second": self.tokens / max(self.seconds, 1e-9)})
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._paused:
+            self._running_since = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.seconds, self._running_since = self.elapsed(), None

@@ -37,7 +37,8 @@ def evaluate(run_dir: str, data: str | None = None, pattern: str = "**/*", batch
     else:
         tokens, units_per_token = _encode_source(run, TextSource(data, pattern=pattern))
         label = data
-    nll = mean_nll(run.model, torch.from_numpy(tokens.astype(np.int64)), batch_size, max_batches)
+    nll = mean_nll(run.model, torch.from_numpy(tokens.astype(np.int64)),
+                   run.model.config.max_seq_len, batch_size, max_batches)
     return EvalResult(nll, math.exp(min(nll, 50.0)), nll / math.log(2) / units_per_token,
                       run.tokenizer.unit, len(tokens), label)
 
@@ -68,10 +69,9 @@ def _encode_source(run: LoadedRun, source: TextSource) -> tuple[np.ndarray, floa
 
 
 @torch.inference_mode()
-def mean_nll(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int,
+def mean_nll(model: torch.nn.Module, tokens: torch.Tensor, seq_len: int, batch_size: int,
              max_batches: int | None = None) -> float:
-    """Mean next-token NLL over non-overlapping windows of the model's context length."""
-    seq_len = model.config.max_seq_len
+    """Mean next-token NLL over non-overlapping windows of seq_len + 1 tokens."""
     n_windows = (len(tokens) - 1) // seq_len
     if n_windows == 0:
         raise ValueError(f"evaluation data has {len(tokens)} tokens; at least "

@@ -27,6 +27,9 @@ class TrainResult:
     metrics: dict[str, float]
     steps: int
     seconds: float
+    module: ARModule  # the trained model stays reachable for callers (tests, benchmarks)
+    trainer: L.Trainer
+    datamodule: TokenDataModule
 
 
 def resolve_run_dir(cfg: DictConfig) -> Path:
@@ -86,7 +89,7 @@ def train(cfg: DictConfig) -> TrainResult:
         "train_config": OmegaConf.to_container(cfg, resolve=True),
     })
     result = TrainResult(run_dir, best_val, final_val, metrics, trainer.global_step,
-                         time.perf_counter() - start)
+                         time.perf_counter() - start, module, trainer, datamodule)
     print(summary(result, tokenizer.unit))
     return result
 

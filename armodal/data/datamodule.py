@@ -1,0 +1,139 @@
+"""TokenDataModule: cached token shards -> fixed-length windows -> DataLoaders."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+
+from armodal.data.shards import TokenShards, build_or_load_shards
+from armodal.data.sources import DocumentSource
+
+
+class WindowDataset(Dataset):
+    """Windows of `seq_len + 1` tokens starting every `stride` tokens (default: non-overlapping).
+
+    Item i is tokens[i*stride : i*stride + seq_len + 1] as int64; the model shifts it into
+    inputs [:-1] and targets [1:]. stride=1 gives every offset, for random-offset sampling.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, stride: int | None = None, name: str = "tokens") -> None:
+        if len(tokens) < seq_len + 1:
+            raise ValueError(
+                f"{name} has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
+                "lower seq_len or use more data / a different val_fraction"
+            )
+        self.tokens = tokens
+        self.seq_len = seq_len
+        self.stride = stride or seq_len
+        self.n = (len(tokens) - seq_len - 1) // self.stride + 1
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if not 0 <= i < self.n:
+            raise IndexError(f"window {i} out of range [0, {self.n})")
+        start = i * self.stride
+        window = self.tokens[start : start + self.seq_len + 1]
+        return torch.from_numpy(window.astype(np.int64))  # (seq_len + 1,)
+
+
+class TokenDataModule(L.LightningDataModule):
+    """Train/val windows over shards of `source` tokenized by `tokenizer` (cached on disk).
+
+    Call `prepare_shards()` before building the model: fitting a trainable tokenizer fixes the
+    vocabulary size (`self.space.vocab_size`). Batches are (B, seq_len + 1) int64 global ids.
+
+    train_sampling="windows": each epoch is a seeded shuffle of the non-overlapping windows.
+    train_sampling="random": nanoGPT-style; each epoch draws len(windows) window start offsets
+    uniformly from all positions (with replacement) from a seeded generator that advances
+    every epoch. The sampler draws the offsets in the main process, so workers agree.
+    val_batches caps validation to that many batches of evenly spaced windows (deterministic).
+    """
+
+    def __init__(
+        self,
+        source: DocumentSource,
+        tokenizer: Any,
+        seq_len: int,
+        batch_size: int,
+        cache_dir: str = "~/.cache/armodal/shards",
+        val_fraction: float = 0.1,
+        split: str = "tail",
+        num_workers: int = 0,
+        seed: int = 0,
+        val_batches: int | None = None,
+        space: Any = None,
+        train_sampling: str = "windows",
+    ) -> None:
+        super().__init__()
+        if seq_len < 1 or batch_size < 1:
+            raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len} and {batch_size}")
+        if train_sampling not in ("windows", "random"):
+            raise ValueError(f"train_sampling must be 'windows' or 'random', got {train_sampling!r}")
+        if val_batches is not None and val_batches < 1:
+            raise ValueError(f"val_batches must be >= 1 or None, got {val_batches}")
+        self.source = source
+        self.tokenizer = tokenizer
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.cache_dir = os.path.expanduser(cache_dir)
+        self.val_fraction = val_fraction
+        self.split = split
+        self.num_workers = num_workers
+        self.seed = seed
+        self.val_batches = val_batches
+        self.space = space
+        self.train_sampling = train_sampling
+        self.shards: TokenShards | None = None
+
+    def prepare_shards(self) -> TokenShards:
+        """Build or load the shards (idempotent); sets `self.shards` and `self.space`."""
+        if self.shards is None:
+            self.shards = build_or_load_shards(
+                self.source, self.tokenizer, self.space, self.cache_dir,
+                val_fraction=self.val_fraction, split=self.split, seed=self.seed,
+            )
+            self.space = self.shards.space
+        return self.shards
+
+    def prepare_data(self) -> None:
+        self.prepare_shards()
+
+    def setup(self, stage: str | None = None) -> None:
+        shards = self.prepare_shards()
+        self.train_windows = WindowDataset(shards.train, self.seq_len, name="train split")
+        if len(self.train_windows) < self.batch_size:
+            raise ValueError(
+                f"train split has {len(self.train_windows)} windows of seq_len {self.seq_len}, "
+                f"fewer than batch_size {self.batch_size}; lower one of them or use more data"
+            )
+        self.val_windows = WindowDataset(shards.val, self.seq_len, name="val split")
+
+    def train_dataloader(self) -> DataLoader:
+        gen = torch.Generator().manual_seed(self.seed)
+        if self.train_sampling == "random":
+            # Every start offset is a candidate; one epoch = as many windows as "windows" mode.
+            dataset = WindowDataset(self.shards.train, self.seq_len, stride=1, name="train split")
+            sampler = RandomSampler(dataset, replacement=True, num_samples=len(self.train_windows), generator=gen)
+            return self._loader(dataset, sampler=sampler, drop_last=True)
+        return self._loader(self.train_windows, shuffle=True, generator=gen, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        dataset: Dataset = self.val_windows
+        n = len(self.val_windows)
+        if self.val_batches is not None and self.val_batches * self.batch_size < n:
+            idx = np.linspace(0, n - 1, self.val_batches * self.batch_size).round().astype(int)
+            dataset = Subset(self.val_windows, idx.tolist())
+        return self._loader(dataset, shuffle=False, drop_last=False)
+
+    def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
+        return DataLoader(
+            dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0, **kwargs,
+        )

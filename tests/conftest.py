@@ -1,0 +1,46 @@
+"""Shared fixtures: a small offline text corpus and one short training run reused by many tests."""
+
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from armodal.cli import RECIPES_DIR, compose_config
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    """~150 KB of real text (Python source from the stdlib), offline on every machine."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    text = "".join((stdlib / name).read_text() for name in ("textwrap.py", "string.py",
+                                                            "shlex.py", "difflib.py"))
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(text[:150_000])
+    return path
+
+
+def _quick_overrides(tmp: Path, steps: int = 30) -> list[str]:
+    """Overrides that make any recipe train in seconds in a temp dir."""
+    return [
+        "model=tiny", f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
+        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+        "trainer.limit_val_batches=4", "domain.data.batch_size=8", "domain.data.seq_len=64",
+        f"domain.data.cache_dir={tmp / 'cache'}", f"run_dir={tmp / 'run'}",
+        "decoding.max_new_tokens=16", "optim.scheduler.warmup_steps=5",
+    ]
+
+
+@pytest.fixture
+def quick_overrides():
+    return _quick_overrides
+
+
+@pytest.fixture(scope="session")
+def char_run(tmp_path_factory, corpus_file):
+    """One short char-level training run (TrainResult), shared by the export/CLI tests."""
+    from armodal.train import train
+
+    tmp = tmp_path_factory.mktemp("char_run")
+    cfg = compose_config(RECIPES_DIR, "text_char_shakespeare",
+                         [f"domain.source.path={corpus_file}", *_quick_overrides(tmp, steps=60)])
+    return train(cfg)

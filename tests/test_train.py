@@ -1,0 +1,131 @@
+"""Hydra composition of every recipe and axis combination, train(cfg), export and reload."""
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import open_dict
+
+from armodal.checkpoint import load_run
+from armodal.cli import CONF_DIR, RECIPES_DIR, available_recipes, compose_config
+from armodal.generation import DecodingConfig, generate
+from armodal.model import ModelConfig, Transformer
+
+REQUIRED = {"text_char": ["domain.source.path=README.md"],
+            "text_byte": ["domain.source.path=README.md"]}
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def instantiate_all(cfg, tmp_path: Path) -> None:
+    """Build every leaf a run builds, except the (possibly huge) model weights."""
+    with open_dict(cfg):
+        cfg.run_dir = str(tmp_path)
+    tokenizer = instantiate(cfg.domain.tokenizer)
+    assert tokenizer.modality == "text"
+    instantiate(cfg.domain.source)
+    model_config = instantiate(cfg.model, vocab_size=300)
+    assert isinstance(model_config, ModelConfig)
+    assert model_config.max_seq_len == cfg.domain.data.seq_len
+    assert isinstance(instantiate(cfg.decoding), DecodingConfig)
+    optimizer = instantiate(cfg.optim.optimizer)([torch.nn.Parameter(torch.zeros(2, 2))])
+    instantiate(cfg.optim.scheduler)(optimizer, total_steps=10)
+    for logger in cfg.logger.values():
+        instantiate(logger)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    if cfg.trainer.accelerator == "cpu":
+        instantiate(cfg.trainer, callbacks=callbacks, logger=False)
+
+
+def test_recipes_exist():
+    assert {"text_code_cpu", "text_char_shakespeare"} <= set(available_recipes())
+
+
+@pytest.mark.parametrize("recipe", available_recipes())
+def test_every_recipe_composes_and_instantiates(recipe, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    domain = compose_config(RECIPES_DIR, recipe, []).domain.name
+    cfg = compose_config(RECIPES_DIR, recipe, REQUIRED.get(domain, []))
+    assert cfg.name == recipe
+    instantiate_all(cfg, tmp_path)
+
+
+@pytest.mark.parametrize("domain,model,decoding", list(itertools.product(
+    options("domain"), options("model"), options("decoding"))))
+def test_every_axis_combination_composes(domain, model, decoding, tmp_path):
+    cfg = compose_config(CONF_DIR, "train", [f"domain={domain}", f"model={model}",
+                                             f"decoding={decoding}", *REQUIRED.get(domain, [])])
+    instantiate_all(cfg, tmp_path)
+
+
+@pytest.mark.parametrize("model", ["tiny", "small"])
+def test_cpu_presets_build(model):
+    cfg = compose_config(CONF_DIR, "train", [f"model={model}"])
+    net = Transformer(instantiate(cfg.model, vocab_size=4096))
+    assert net.num_params() < 5_000_000
+
+
+def test_base_preset_is_about_100m_parameters():
+    cfg = compose_config(CONF_DIR, "train", ["model=base"])
+    with torch.device("meta"):  # count without allocating
+        net = Transformer(instantiate(cfg.model, vocab_size=16384))
+    assert 80e6 < net.num_params() < 130e6
+
+
+def test_loss_falls_and_run_dir_is_complete(char_run):
+    curve = next(c for c in char_run.trainer.callbacks if type(c).__name__ == "LossCurve")
+    losses = [loss for _, loss in curve.train]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+    assert char_run.final_val_loss < 3.5
+    run_dir = char_run.run_dir
+    for name in ("model.safetensors", "config.json", "loss_curve.png", "samples.txt",
+                 "train_config.yaml"):
+        assert (run_dir / name).is_file(), name
+    meta = json.loads((run_dir / "config.json").read_text())
+    assert meta["tokenizer"]["target"].endswith("CharTokenizer")
+    assert meta["metrics"]["best_val_loss"] == pytest.approx(char_run.best_val_loss)
+
+
+def test_exported_run_generates_the_same_tokens(char_run):
+    run = load_run(char_run.run_dir)
+    model = char_run.module.model.eval()
+    prompt = [[run.space.bos_id] + run.space.to_global("text", run.tokenizer.encode("def ")).tolist()]
+    config = DecodingConfig(strategy="greedy", max_new_tokens=20)
+    assert generate(run.model, prompt, config).sequences == generate(model, prompt, config).sequences
+    idx = torch.tensor(prompt)
+    torch.testing.assert_close(run.model(idx), model(idx), atol=0, rtol=0)
+
+
+def test_bpe_code_recipe_trains(tmp_path, quick_overrides):
+    from armodal.train import train
+
+    cfg = compose_config(RECIPES_DIR, "text_code_cpu", [
+        *quick_overrides(tmp_path, steps=30), "domain.source.max_bytes=300000",
+        "domain.tokenizer.vocab_size=512", "domain.data.val_fraction=0.2"])
+    result = train(cfg)
+    curve = next(c for c in result.trainer.callbacks if type(c).__name__ == "LossCurve")
+    losses = [loss for _, loss in curve.train]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
+    # BPE packs several bytes into a token, so bits per byte < bits per token.
+    bits_per_byte = result.metrics["val/bits_per_byte"]
+    assert bits_per_byte < result.final_val_loss / 0.6931 / 1.5
+    assert load_run(result.run_dir).tokenizer.vocab_size == 512
+
+
+def test_failed_run_leaves_no_finished_run_dir(tmp_path, quick_overrides):
+    from armodal.train import train
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    cfg = compose_config(RECIPES_DIR, "text_char_shakespeare",
+                         [f"domain.source.path={empty}", *quick_overrides(tmp_path)])
+    with pytest.raises(ValueError, match="empty"):
+        train(cfg)
+    assert not (tmp_path / "run" / "config.json").exists()
+    with pytest.raises(FileNotFoundError, match="did not finish"):
+        load_run(tmp_path / "run")
