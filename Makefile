@@ -14,8 +14,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
-demo: $(STAMP)  ## set up, then train the default recipe end to end and sample from it
-	$(BIN)/armodal train text_code_cpu
+demo: $(STAMP)  ## set up, train the default recipe end to end, then sample and evaluate
+	$(BIN)/armodal train text_code_cpu $(ARGS)
+	run=$$(ls -td runs/text_code_cpu/*/ | head -1); \
+	$(BIN)/armodal generate run=$$run prompt="def " decoding=top_k decoding.max_new_tokens=200 && \
+	$(BIN)/armodal eval run=$$run
 
 test: $(STAMP)  ## set up, then run the default (CPU, < 15 min) test suite
 	$(BIN)/python -m pytest -q

@@ -31,12 +31,13 @@ TARGET_SHORT = (67.0, 1.886)  # seconds, val loss: nanoGPT's CPU figure reached 
 TARGET_LONG = (300.0, 1.60)
 
 
-def run_armodal(data: str, cache: str, steps: int, overrides: list[str]):
+def run_armodal(data: str, cache: str, steps: int, val_every: int, overrides: list[str]):
     """Train the recipe; (step, training seconds, val loss) per validation, and the result."""
     cfg = compose_config(RECIPES_DIR, "text_char_shakespeare", [
         f"domain.source.path={data}", f"domain.data.cache_dir={cache}",
         "domain.data.val_batches=null", f"trainer.max_steps={steps}",
-        f"run_dir={cache}/run-{steps}", "logger=none", "sample_every_validation=false",
+        f"trainer.val_check_interval={val_every}",
+        f"run_dir={cache}/run-{steps}", "sample_every_validation=false",
         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
         "~callbacks.checkpoint", *overrides])
     result = train(cfg)
@@ -62,8 +63,9 @@ def fmt(x: float | None, unit: str = "") -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, help="tiny shakespeare input.txt")
-    parser.add_argument("--short-steps", type=int, default=1000)
-    parser.add_argument("--long-steps", type=int, default=4500)
+    parser.add_argument("--short-steps", type=int, default=500)
+    parser.add_argument("--long-steps", type=int, default=2300)
+    parser.add_argument("--val-every", type=int, default=100, help="steps between val losses")
     parser.add_argument("--no-peer", action="store_true", help="skip the nanoGPT run")
     parser.add_argument("--no-long", action="store_true", help="skip the 300 s run")
     parser.add_argument("override", nargs="*", help="extra Hydra overrides for armodal's runs")
@@ -71,11 +73,13 @@ def main() -> None:
     torch.set_num_threads(torch.get_num_threads())
 
     with tempfile.TemporaryDirectory() as cache:
-        short, clock, result = run_armodal(args.data, cache, args.short_steps, args.override)
+        short, clock, result = run_armodal(args.data, cache, args.short_steps, args.val_every,
+                                           args.override)
         tokens_per_s = clock.tokens / clock.seconds
         runs = {"armodal short": short}
         if not args.no_long:
-            runs["armodal long"] = run_armodal(args.data, cache, args.long_steps, args.override)[0]
+            runs["armodal long"] = run_armodal(args.data, cache, args.long_steps,
+                                                     args.val_every, args.override)[0]
         if not args.no_peer:
             shards = result.datamodule.shards  # the very tokens armodal trained on
             val = torch.from_numpy(shards.val.astype("int64"))
@@ -99,7 +103,11 @@ def main() -> None:
         ratio = f"{peer_reach / reach:.2f}" if reach and peer_reach else "n/a"
         print(f"figure seconds_to_val_{l_short}: {fmt(reach, ' s')} | peer nanoGPT "
               f"{fmt(peer_reach, ' s')} | ratio {ratio}")
-        print(f"figure nanogpt_final_val_loss: {peer[-1][2]:.3f} nats at {peer[-1][1]:.0f} s")
+        peer_final_s, peer_final = peer[-1][1], peer[-1][2]
+        ours_s = first_reaching(ours, peer_final)
+        ratio = f"{peer_final_s / ours_s:.2f}" if ours_s else "n/a"
+        print(f"figure seconds_to_nanogpt_final_loss_{peer_final:.3f}: {fmt(ours_s, ' s')} | "
+              f"peer nanoGPT {peer_final_s:.1f} s | ratio {ratio}")
     else:
         print(f"figure seconds_to_val_{l_short}: {fmt(reach, ' s')}")
     if "armodal long" in runs:
