@@ -129,3 +129,42 @@ def test_failed_run_leaves_no_finished_run_dir(tmp_path, quick_overrides):
     assert not (tmp_path / "run" / "config.json").exists()
     with pytest.raises(FileNotFoundError, match="did not finish"):
         load_run(tmp_path / "run")
+
+
+@pytest.mark.parametrize("domain", options("domain"))
+def test_every_configured_tokenizer_passes_conformance(domain, corpus_file):
+    """The conformance check, not a registry, admits a tokenizer: run it on each one conf/ names."""
+    from armodal.tokenizers import check_tokenizer
+
+    cfg = compose_config(CONF_DIR, "train", [f"domain={domain}"])
+    tokenizer = instantiate(cfg.domain.tokenizer)
+    text = corpus_file.read_text()[:60_000]
+    if hasattr(tokenizer, "fit"):
+        tokenizer.fit([text])
+    check_tokenizer(tokenizer, [text[:2000], text[30_000:31_000], "def f(x):\n    return x\n"])
+
+
+def test_bf16_autocast_and_wandb_offline(tmp_path, quick_overrides, corpus_file, monkeypatch):
+    """bf16-mixed on CPU trains; logger=wandb without an account runs offline, no network."""
+    from armodal.train import train
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc credentials
+    cfg = compose_config(RECIPES_DIR, "text_char_shakespeare", [
+        f"domain.source.path={corpus_file}", *quick_overrides(tmp_path, steps=10),
+        "trainer.precision=bf16-mixed", "logger=wandb"])
+    result = train(cfg)
+    assert torch.isfinite(torch.tensor(result.final_val_loss))
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*")), "wandb did not run offline"
+
+
+@pytest.mark.slow
+def test_compiled_training_forward_equals_eager(corpus_file):
+    """compile=true wraps the same parameters; compiled logits equal eager ones."""
+    from armodal.lit import ARModule
+
+    config = ModelConfig(vocab_size=50, n_layer=2, n_head=2, d_model=32, max_seq_len=32)
+    module = ARModule(config, optimizer=torch.optim.AdamW, compile=True)
+    idx = torch.randint(0, 50, (2, 32))
+    torch.testing.assert_close(module(idx), module.model(idx), atol=1e-5, rtol=1e-5)
