@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from armodal.generation import DecodingConfig, generate
+from armodal.generation import DecodingConfig, fit_to_context, generate
 from armodal.tokenizers.base import Tokenizer
 from armodal.tokenizers.space import TokenSpace
 

@@ -77,12 +77,17 @@ def run_generate(args: list[str]) -> None:
 
     from armodal.callbacks import decode_text, encode_prompt
     from armodal.checkpoint import load_run
-    from armodal.generation import generate
+    from armodal.generation import fit_to_context, generate
 
     cfg = compose_config(CONF_DIR, "generate", args)
     run = load_run(cfg.run, cfg.device)
     prompt_ids = encode_prompt(run.tokenizer, run.space, cfg.prompt)
-    decoding = instantiate(cfg.decoding, stop_token_ids=[run.space.eos_id])
+    requested = instantiate(cfg.decoding, stop_token_ids=[run.space.eos_id])
+    decoding = fit_to_context(requested, run.model, len(prompt_ids))
+    if decoding.max_new_tokens < requested.max_new_tokens:
+        print(f"note: max_new_tokens={requested.max_new_tokens} cut to "
+              f"{decoding.max_new_tokens}, the room left in the model's "
+              f"{run.model.config.max_seq_len}-token context", file=sys.stderr)
     out = generate(run.model, [prompt_ids] * cfg.num_samples, decoding)
     for i, ids in enumerate(out.sequences):
         if cfg.num_samples > 1:

@@ -301,3 +301,18 @@ def test_bad_requests_raise(model):
         generate(model, [[1]], greedy(stop_token_ids=[V]))
     with pytest.raises(ValueError, match="multi-stream"):
         generate(tiny_model(n_streams=2), [[1]], greedy())
+
+
+def test_fit_to_context_cuts_max_new_tokens_to_the_room_left():
+    from armodal.generation import fit_to_context
+
+    model = Transformer(ModelConfig(vocab_size=11, n_layer=1, n_head=2, d_model=16,
+                                    max_seq_len=20))
+    config = DecodingConfig(max_new_tokens=50, min_new_tokens=30)
+    fitted = fit_to_context(config, model, prompt_len=5)
+    assert (fitted.max_new_tokens, fitted.min_new_tokens) == (15, 15)
+    assert fit_to_context(DecodingConfig(max_new_tokens=4), model, 5).max_new_tokens == 4
+    with pytest.raises(ValueError, match="no room"):
+        fit_to_context(config, model, prompt_len=20)
+    out = generate(model, [[1] * 5], fitted)
+    assert len(out.sequences[0]) == 15

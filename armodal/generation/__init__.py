@@ -1,7 +1,7 @@
 """Decoding: one validated DecodingConfig, pure logits processors, and generate()."""
 
 from armodal.generation.config import DecodingConfig
-from armodal.generation.generate import GenerationOutput, generate
+from armodal.generation.generate import GenerationOutput, fit_to_context, generate
 from armodal.generation.processors import (
     apply_allowed_mask,
     apply_temperature,
@@ -15,6 +15,7 @@ __all__ = [
     "DecodingConfig",
     "GenerationOutput",
     "generate",
+    "fit_to_context",
     "apply_allowed_mask",
     "apply_temperature",
     "process_logits",

@@ -8,6 +8,7 @@ sequence is re-run every step, the reference the cached path must match.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 from armodal.generation.config import DecodingConfig
 from armodal.generation.processors import process_logits
 
-__all__ = ["GenerationOutput", "generate"]
+__all__ = ["GenerationOutput", "generate", "fit_to_context"]
 
 OnToken = Callable[[int, int], None]
 
@@ -96,6 +97,22 @@ def generate(model: nn.Module, prompts: Sequence[Sequence[int]] | Tensor, config
     finally:
         model.train(was_training)
     return out
+
+
+def fit_to_context(config: DecodingConfig, model: nn.Module, prompt_len: int) -> DecodingConfig:
+    """config with max_new_tokens cut to the room the prompt leaves in the model's context.
+
+    Decoding past max_seq_len (a rolling window, attention sinks) is not supported yet, so
+    callers that take a preset such as max_new_tokens=256 for a 64-token model use this.
+    """
+    room = model.config.max_seq_len - prompt_len
+    if room < 1:
+        raise ValueError(f"prompt of {prompt_len} tokens leaves no room in the model's context "
+                         f"of {model.config.max_seq_len} tokens; shorten the prompt")
+    if config.max_new_tokens <= room:
+        return config
+    return dataclasses.replace(config, max_new_tokens=room,
+                               min_new_tokens=min(config.min_new_tokens, room))
 
 
 def _decode_group(model: nn.Module, idx: Tensor, group: list[int], config: DecodingConfig,
