@@ -73,7 +73,10 @@ def train(cfg: DictConfig) -> TrainResult:
     loggers = [instantiate(c) for c in cfg.logger.values()]
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
                                      default_root_dir=str(run_dir))
-    trainer.fit(module, datamodule=datamodule)
+    if cfg.resume is not None and not Path(cfg.resume).is_file():
+        raise FileNotFoundError(f"resume={cfg.resume!r} is not a file; pass a Lightning "
+                                f"checkpoint such as <run dir>/checkpoints/last.ckpt")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume)
     if not module.val_history or module.val_history[-1][0] != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # the final figure
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

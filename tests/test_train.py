@@ -168,3 +168,22 @@ def test_compiled_training_forward_equals_eager(corpus_file):
     module = ARModule(config, optimizer=torch.optim.AdamW, compile=True)
     idx = torch.randint(0, 50, (2, 32))
     torch.testing.assert_close(module(idx), module.model(idx), atol=1e-5, rtol=1e-5)
+
+
+def test_resume_from_lightning_checkpoint(tmp_path, quick_overrides, corpus_file):
+    from armodal.train import train
+
+    first = compose_config(RECIPES_DIR, "text_char_shakespeare", [
+        f"domain.source.path={corpus_file}", *quick_overrides(tmp_path / "a", steps=10)])
+    last = train(first).run_dir / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    resumed = compose_config(RECIPES_DIR, "text_char_shakespeare", [
+        f"domain.source.path={corpus_file}", *quick_overrides(tmp_path / "b", steps=10),
+        "trainer.max_steps=16", f"resume={last}"])
+    result = train(resumed)
+    assert result.steps == 16  # continued from step 10, not from scratch
+    missing = compose_config(RECIPES_DIR, "text_char_shakespeare", [
+        f"domain.source.path={corpus_file}", *quick_overrides(tmp_path / "c"),
+        f"resume={tmp_path}/nope.ckpt"])
+    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+        train(missing)
