@@ -65,8 +65,10 @@ class ARModule(L.LightningModule):
         self.pad_id = pad_id
         self.units_per_token = units_per_token
         self.unit = unit
-        # The compiled wrapper shares parameters with self.model, so state dicts keep plain keys.
-        self.forward_fn = torch.compile(self.model) if compile else self.model
+        # Kept off the module tree: the compiled wrapper shares self.model's parameters, and
+        # registering it would repeat every weight in the state dict under a second name.
+        # Generation keeps calling the eager self.model, whose cache shapes vary by call.
+        object.__setattr__(self, "forward_fn", torch.compile(self.model) if compile else self.model)
         self.val_history: list[tuple[int, float]] = []  # (global step, val loss) per validation
 
     def forward(self, idx: Tensor) -> Tensor:

@@ -187,3 +187,11 @@ def test_resume_from_lightning_checkpoint(tmp_path, quick_overrides, corpus_file
         f"resume={tmp_path}/nope.ckpt"])
     with pytest.raises(FileNotFoundError, match="nope.ckpt"):
         train(missing)
+
+
+def test_module_state_dict_holds_each_weight_once():
+    from armodal.lit import ARModule
+
+    module = ARModule(ModelConfig(vocab_size=10, n_layer=1, n_head=2, d_model=8),
+                      optimizer=torch.optim.AdamW)
+    assert set(module.state_dict()) == {f"model.{k}" for k in module.model.state_dict()}
