@@ -85,6 +85,11 @@ class KVCache:
     def reset(self) -> None:
         self.pos = 0
 
+    def reorder(self, rows: Tensor) -> None:
+        """Keep batch rows `rows` (B',) in that order, e.g. the surviving beams' parents."""
+        self.k = self.k.index_select(1, rows)
+        self.v = self.v.index_select(1, rows)
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):

@@ -164,7 +164,7 @@ def test_config_defaults_and_conversion():
 
 
 @pytest.mark.parametrize("field, value", [
-    ("strategy", "beam"), ("max_new_tokens", 0), ("max_new_tokens", 2.5),
+    ("strategy", "nucleus"), ("max_new_tokens", 0), ("max_new_tokens", 2.5),
     ("min_new_tokens", -1), ("min_new_tokens", 500), ("temperature", -0.1),
     ("top_k", 0), ("top_k", 1.5), ("top_p", 0.0), ("top_p", 1.5), ("seed", "x"),
     ("stop_token_ids", [-1]), ("stop_token_ids", "2"), ("use_cache", "yes"),
