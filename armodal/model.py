@@ -69,26 +69,49 @@ class ModelConfig:
 
 
 class KVCache:
-    """Preallocated keys and values for every layer; `pos` is how many positions are filled."""
+    """Preallocated keys and values for every layer, and the position each slot holds.
+
+    All rows advance together: `pos` counts the steps written. Rows of a ragged batch are
+    left-padded, and pad slots hold position -1, so no query ever attends to them.
+    A static cache holds slots [0, max_len) in order. A rolling cache (sliding-window models)
+    is a ring of `max_len` >= window slots, so decoding can run past max_seq_len with
+    bounded memory: RoPE is relative, and the window keeps every distance below it.
+    """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
-        if max_len > config.max_seq_len:
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                 rolling: bool = False):
+        if rolling and (config.sliding_window is None or max_len < config.sliding_window):
+            raise ValueError(f"a rolling cache needs a sliding-window model and max_len >= "
+                             f"the window; got sliding_window={config.sliding_window}, "
+                             f"max_len={max_len}")
+        if not rolling and max_len > config.max_seq_len:
             raise ValueError(f"cache max_len={max_len} exceeds the model's "
                              f"max_seq_len={config.max_seq_len}")
         shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, G, S, D)
         self.v = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, G, S, D)
+        self.slot_pos = torch.full((batch_size, max_len), -1, dtype=torch.long, device=device)
         self.max_len = max_len
+        self.rolling = rolling
+        self.padded = False  # some slot holds a pad: masks are needed even for T = 1
         self.pos = 0
 
     def reset(self) -> None:
-        self.pos = 0
+        self.pos, self.padded = 0, False
+        self.slot_pos.fill_(-1)
 
     def reorder(self, rows: Tensor) -> None:
         """Keep batch rows `rows` (B',) in that order, e.g. the surviving beams' parents."""
         self.k = self.k.index_select(1, rows)
         self.v = self.v.index_select(1, rows)
+        self.slot_pos = self.slot_pos.index_select(0, rows)
+
+    def slots(self, t: int) -> Tensor:
+        """Slot indices (T,) that the next t steps are written to (only the last max_len
+        of them survive in a ring)."""
+        idx = torch.arange(self.pos, self.pos + t, device=self.slot_pos.device)
+        return idx % self.max_len if self.rolling else idx
 
 
 class RMSNorm(nn.Module):
@@ -103,30 +126,42 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos and sin, each (max_len, head_dim), in the rotate-half layout Llama checkpoints use."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (S, D/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (S, D)
+def rope_inv_freq(head_dim: int, theta: float) -> Tensor:
+    return 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+
+
+def rope_at(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
+    """cos and sin (..., D) for integer positions (...), rotate-half layout as in Llama."""
+    angles = positions.float()[..., None] * inv_freq  # (..., D/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (..., D)
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (B, H, T, D) rotated by position; cos, sin (T, D)."""
+    """x (B, H, T, D) rotated by position; cos, sin (T, D) or (B, 1, T, D)."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x * cos + rotated * sin).type_as(x)
 
 
-def attention_mask(q_start: int, q_len: int, k_len: int, window: int | None,
-                   device: torch.device) -> Tensor:
-    """Boolean (T, S) mask, True where query q_start+i may attend key j (causal, banded)."""
-    q_pos = torch.arange(q_start, q_start + q_len, device=device)[:, None]  # (T, 1)
-    k_pos = torch.arange(k_len, device=device)[None, :]  # (1, S)
-    allowed = k_pos <= q_pos
+def attention_allowed(q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
+    """Bool (B, 1, T, S): True where query position q may attend key position k.
+
+    q_pos (B|1, T) and k_pos (B|1, S) are token positions, -1 for padding / empty slots.
+    Allowed: 0 <= k <= q, and q - k < window.
+    """
+    q, k = q_pos[:, :, None], k_pos[:, None, :]  # (B, T, 1), (B, 1, S)
+    allowed = (k >= 0) & (k <= q)
     if window is not None:
-        allowed &= q_pos - k_pos < window
-    return allowed
+        allowed &= q - k < window
+    return allowed[:, None]
+
+
+def additive_mask(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """0 where allowed, else the dtype's most negative finite value (not -inf): a pad query
+    with nothing to attend to then gives finite, ignored values, never NaNs in the cache."""
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return bias.masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
 class Attention(nn.Module):
@@ -139,28 +174,38 @@ class Attention(nn.Module):
         self.wv = nn.Linear(c.d_model, c.n_kv_head * d, bias=False)
         self.wo = nn.Linear(c.n_head * d, c.d_model, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None,
-                layer: int) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, layer: int,
+                mask: Tensor | None = None) -> Tensor:
+        """mask: None for plain causal attention over [0, T) or over the whole filled cache,
+        else a bool (B, 1, T, S) of the keys each query may attend to (attention_allowed)."""
         c = self.config
         q = rearrange(self.wq(x), "b t (h d) -> b h t d", d=c.head_dim)
         k = rearrange(self.wk(x), "b t (g d) -> b g t d", d=c.head_dim)
         v = rearrange(self.wv(x), "b t (g d) -> b g t d", d=c.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         start, t = (cache.pos if cache is not None else 0), x.shape[1]
-        if cache is not None:
+        causal = mask is None and start == 0
+        if cache is not None and cache.rolling:
+            # Attend over the ring plus the new keys, then keep the newest max_len in the ring.
+            keys, values = torch.cat([cache.k[layer], k], 2), torch.cat([cache.v[layer], v], 2)
+            keep = min(t, cache.max_len)
+            slots = cache.slots(t)[-keep:]
+            cache.k[layer][:, :, slots] = k[:, :, -keep:]
+            cache.v[layer][:, :, slots] = v[:, :, -keep:]
+            k, v = keys, values  # (B, G, S + T, D)
+        elif cache is not None:
             cache.k[layer, :, :, start:start + t] = k
             cache.v[layer, :, :, start:start + t] = v
             k = cache.k[layer, :, :, :start + t]  # (B, G, S, D)
             v = cache.v[layer, :, :, :start + t]
         dropout = c.dropout if self.training else 0.0
-        if start == 0 and c.sliding_window is None:
-            # Queries and keys line up: the fused causal kernel, no mask tensor.
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout,
-                                                 enable_gqa=c.n_kv_head != c.n_head)
-        else:
-            mask = attention_mask(start, t, k.shape[2], c.sliding_window, x.device)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                                 enable_gqa=c.n_kv_head != c.n_head)
+        gqa = c.n_kv_head != c.n_head
+        if mask is not None:
+            mask = additive_mask(mask, q.dtype)  # q's dtype: bf16 under autocast
+        # No mask and queries start at 0: the fused causal kernel. No mask later on (one new
+        # token, no padding, no window): every cached key is visible, no mask tensor needed.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                             dropout_p=dropout, enable_gqa=gqa)
         return self.wo(rearrange(out, "b h t d -> b t (h d)"))
 
 
@@ -185,8 +230,8 @@ class Block(nn.Module):
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None,
-                layer: int) -> Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache, layer))
+                layer: int, mask: Tensor | None = None) -> Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, cache, layer, mask))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -211,7 +256,9 @@ class Transformer(nn.Module):
         self.head = nn.Linear(c.d_model, c.n_streams * c.vocab_size, bias=False)
         if c.tie_embeddings:
             self.head.weight = self.embed.weight
-        cos, sin = rope_tables(c.head_dim, c.max_seq_len, c.rope_theta)
+        inv_freq = rope_inv_freq(c.head_dim, c.rope_theta)
+        cos, sin = rope_at(torch.arange(c.max_seq_len), inv_freq)  # (max_seq_len, D) each
+        self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
@@ -228,12 +275,19 @@ class Transformer(nn.Module):
             else:
                 nn.init.normal_(p, std=std)
 
-    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int | None = None,
+                  rolling: bool = False) -> KVCache:
+        """A static cache of max_len (default max_seq_len) slots, or a rolling ring (default
+        size: the sliding window) that lets a sliding-window model decode indefinitely."""
         weight = self.embed.weight
-        return KVCache(self.config, batch_size, max_len or self.config.max_seq_len,
-                       device=weight.device, dtype=weight.dtype)
+        default = self.config.sliding_window if rolling else self.config.max_seq_len
+        return KVCache(self.config, batch_size, max_len or default, device=weight.device,
+                       dtype=weight.dtype, rolling=rolling)
 
-    def forward(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(self, idx: Tensor, cache: KVCache | None = None,
+                positions: Tensor | None = None) -> Tensor:
+        """positions (B, T): token positions of a left-padded ragged batch, -1 on pads.
+        None means every row's tokens sit at cache.pos + [0, T) (no padding)."""
         c = self.config
         if c.n_streams == 1:
             if idx.dim() != 2:
@@ -246,20 +300,55 @@ class Transformer(nn.Module):
             offsets = torch.arange(c.n_streams, device=idx.device)[:, None] * c.vocab_size
             x = self.embed(idx + offsets).sum(dim=1)  # (B, T, C)
         start, t = (cache.pos if cache is not None else 0), x.shape[1]
-        limit = cache.max_len if cache is not None else c.max_seq_len
-        if start + t > limit:
+        rolling = cache is not None and cache.rolling
+        if not rolling and start + t > (cache.max_len if cache is not None else c.max_seq_len):
+            limit = cache.max_len if cache is not None else c.max_seq_len
             raise ValueError(f"sequence of {start + t} positions exceeds the limit of {limit} "
-                             f"(model max_seq_len={c.max_seq_len})")
-        cos, sin = self.rope_cos[start:start + t], self.rope_sin[start:start + t]
+                             f"(model max_seq_len={c.max_seq_len}; only sliding-window models "
+                             f"decode past it, with a rolling cache)")
+        cos, sin, mask = self._rope_and_mask(start, t, positions, cache)
         x = self.drop(x)
         for layer, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache, layer)
+            x = block(x, cos, sin, cache, layer, mask)
         if cache is not None:
+            q_pos = positions if positions is not None else \
+                torch.arange(start, start + t, device=x.device).expand(x.shape[0], t)
+            keep = min(t, cache.max_len)
+            cache.slot_pos[:, cache.slots(t)[-keep:]] = q_pos[:, -keep:]
+            cache.padded |= positions is not None and bool((positions < 0).any())
             cache.pos = start + t
         logits = self.head(self.norm(x))  # (B, T, K*V)
         if c.n_streams == 1:
             return logits
         return rearrange(logits, "b t (k v) -> b k t v", k=c.n_streams)
+
+    def _rope_and_mask(self, start: int, t: int, positions: Tensor | None,
+                       cache: KVCache | None):
+        """RoPE tables for the new positions and the attention mask (None when not needed)."""
+        c, device = self.config, self.embed.weight.device
+        if positions is None:
+            q_pos = torch.arange(start, start + t, device=device)[None]  # (1, T)
+            if start + t <= c.max_seq_len:
+                cos, sin = self.rope_cos[start:start + t], self.rope_sin[start:start + t]
+            else:
+                cos, sin = rope_at(q_pos[0], self.rope_inv_freq)  # past the table: rolling
+        else:
+            q_pos = positions  # (B, T)
+            cos, sin = rope_at(positions.clamp(min=0), self.rope_inv_freq)  # (B, T, D)
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D)
+        padded = positions is not None or (cache is not None and cache.padded)
+        if not padded and c.sliding_window is None and not (cache is not None and cache.rolling):
+            # Plain causal: the fused kernel at start 0, or one new token seeing all the cache.
+            if start == 0 or t == 1:
+                return cos, sin, None
+        if cache is None:
+            k_pos = q_pos
+        elif cache.rolling:
+            k_pos = torch.cat([cache.slot_pos, q_pos.expand(cache.slot_pos.shape[0], t)], 1)
+        else:
+            k_pos = torch.cat([cache.slot_pos[:, :start],
+                               q_pos.expand(cache.slot_pos.shape[0], t)], 1)
+        return cos, sin, attention_allowed(q_pos, k_pos, c.sliding_window)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -150,3 +150,60 @@ def test_init_trains_one_step_without_blowup():
     loss = F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten())
     # Fresh init predicts close to uniform: loss near ln(V).
     assert abs(loss.item() - math.log(37)) < 0.1
+
+
+def left_pad(rows: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and (B, T) positions with -1 on the left padding."""
+    t = max(len(r) for r in rows)
+    idx = torch.tensor([[pad] * (t - len(r)) + r for r in rows])
+    positions = torch.tensor([[-1] * (t - len(r)) + list(range(len(r))) for r in rows])
+    return idx, positions
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_left_padded_batch_equals_each_row_alone(window):
+    model = tiny(sliding_window=window)
+    rows = [torch.randint(0, 37, (n,)).tolist() for n in (9, 4, 13)]
+    idx, positions = left_pad(rows)
+    batched = model(idx, positions=positions)
+    for b, row in enumerate(rows):
+        alone = model(torch.tensor([row]))
+        torch.testing.assert_close(batched[b, -len(row):], alone[0], atol=1e-5, rtol=1e-5)
+    # Decoding on from the padded prefill, with the cache, still matches each row alone.
+    cache = model.new_cache(3, 20)
+    model(idx, cache, positions=positions)
+    nxt = torch.randint(0, 37, (3, 1))
+    step = model(nxt, cache, positions=positions[:, -1:] + 1)
+    for b, row in enumerate(rows):
+        alone = model(torch.tensor([row + [nxt[b, 0].item()]]))[0, -1]
+        torch.testing.assert_close(step[b, -1], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_rolling_cache_decodes_past_max_seq_len():
+    """A sliding-window model with a ring cache of window size matches a full forward of
+    the same weights with a longer context, far beyond its own max_seq_len."""
+    short = tiny(sliding_window=6, max_seq_len=16)
+    long = tiny(sliding_window=6, max_seq_len=64)
+    long.load_state_dict(short.state_dict())
+    idx = torch.randint(0, 37, (2, 50))
+    reference = long(idx)
+    cache = short.new_cache(2, rolling=True)
+    assert cache.max_len == 6
+    parts = [short(idx[:, :10], cache)]  # prefill longer than the ring
+    parts += [short(idx[:, i:i + 1], cache) for i in range(10, 50)]
+    torch.testing.assert_close(torch.cat(parts, 1), reference, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="sliding-window"):
+        tiny().new_cache(1, 8, rolling=True)
+
+
+def test_cache_reorder_keeps_rows():
+    model = tiny()
+    idx = torch.randint(0, 37, (3, 7))
+    cache = model.new_cache(3, 10)
+    model(idx, cache)
+    cache.reorder(torch.tensor([2, 2, 0]))
+    nxt = torch.randint(0, 37, (3, 1))
+    step = model(nxt, cache)
+    rows = idx[[2, 2, 0]]
+    torch.testing.assert_close(step[:, -1], model(torch.cat([rows, nxt], 1))[:, -1],
+                               atol=1e-5, rtol=1e-5)
