@@ -2,6 +2,7 @@
 
     armodal train [recipe] key=value ...          recipe: a name in recipes/ or a .yaml path
     armodal generate run=<dir> prompt="..." decoding=<preset> decoding.temperature=0.7
+    armodal generate run=<dir> prompt_file=prompts.txt format=jsonl   (prompt_file=- : stdin)
     armodal eval run=<dir> [data=<file|folder|glob>]
 """
 
@@ -75,24 +76,22 @@ def run_train(args: list[str]) -> None:
 def run_generate(args: list[str]) -> None:
     from hydra.utils import instantiate
 
-    from armodal.callbacks import decode_text, encode_prompt
     from armodal.checkpoint import load_run
-    from armodal.generation import fit_to_context, generate
+    from armodal.textgen import generate_text, read_prompts, stream_text, write_records
 
     cfg = compose_config(CONF_DIR, "generate", args)
+    if cfg.format not in ("text", "jsonl"):
+        raise UsageError(f"format={cfg.format!r}; use text or jsonl")
+    prompts = read_prompts(cfg.prompt, cfg.prompt_file)
+    decoding = instantiate(cfg.decoding)
     run = load_run(cfg.run, cfg.device)
-    prompt_ids = encode_prompt(run.tokenizer, run.space, cfg.prompt)
-    requested = instantiate(cfg.decoding, stop_token_ids=[run.space.eos_id])
-    decoding = fit_to_context(requested, run.model, len(prompt_ids))
-    if decoding.max_new_tokens < requested.max_new_tokens:
-        print(f"note: max_new_tokens={requested.max_new_tokens} cut to "
-              f"{decoding.max_new_tokens}, the room left in the model's "
-              f"{run.model.config.max_seq_len}-token context", file=sys.stderr)
-    out = generate(run.model, [prompt_ids] * cfg.num_samples, decoding)
-    for i, ids in enumerate(out.sequences):
-        if cfg.num_samples > 1:
-            print(f"--- sample {i} ({out.finish_reasons[i]})")
-        print(cfg.prompt + decode_text(run.tokenizer, run.space, ids))
+    if cfg.format == "text" and len(prompts) == 1 and decoding.num_return_sequences == 1 \
+            and decoding.strategy != "beam":
+        for piece in stream_text(run, prompts[0], decoding):  # print as tokens arrive
+            print(piece, end="", flush=True)
+        print()
+        return
+    write_records(generate_text(run, prompts, decoding), cfg.format)
 
 
 def run_eval(args: list[str]) -> None:

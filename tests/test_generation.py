@@ -242,10 +242,10 @@ def test_stop_token_ends_row(model):
         if stop in seq:
             end = seq.index(stop) + 1
             assert out.sequences[row] == seq[:end]  # stop token kept, nothing after it
-            assert out.finish_reasons[row] == "stop"
+            assert out.finish_reasons[row] == "stop_token"
         else:
             assert out.sequences[row] == seq and out.finish_reasons[row] == "length"
-    assert out.finish_reasons[0] == "stop" and len(out.sequences[0]) <= 3
+    assert out.finish_reasons[0] == "stop_token" and len(out.sequences[0]) <= 3
     assert free.finish_reasons == ["length"] * len(PROMPTS)
     assert all(len(s) == 12 for s in free.sequences)
 

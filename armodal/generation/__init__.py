@@ -1,20 +1,37 @@
-"""Decoding: one validated DecodingConfig, pure logits processors, and generate()."""
+"""Decoding: one validated DecodingConfig, pure logits processors, generate() and stream()."""
 
 from armodal.generation.config import DecodingConfig
-from armodal.generation.generate import GenerationOutput, fit_to_context, generate
+from armodal.generation.generate import (
+    GenerationOutput,
+    TokenEvent,
+    fit_to_context,
+    generate,
+    stream,
+)
+from armodal.generation.penalties import (
+    no_repeat_ngram_filter,
+    presence_frequency_penalty,
+    repetition_penalty,
+)
 from armodal.generation.processors import (
     apply_allowed_mask,
     apply_temperature,
+    min_p_filter,
     process_logits,
     suppress_tokens,
     top_k_filter,
     top_p_filter,
+    typical_filter,
 )
+from armodal.generation.stopping import StopChecker
 
 __all__ = [
     "DecodingConfig",
     "GenerationOutput",
+    "TokenEvent",
+    "StopChecker",
     "generate",
+    "stream",
     "fit_to_context",
     "apply_allowed_mask",
     "apply_temperature",
@@ -22,4 +39,9 @@ __all__ = [
     "suppress_tokens",
     "top_k_filter",
     "top_p_filter",
+    "min_p_filter",
+    "typical_filter",
+    "repetition_penalty",
+    "presence_frequency_penalty",
+    "no_repeat_ngram_filter",
 ]

@@ -1,15 +1,19 @@
-"""generate(): autoregressive decoding from the causal Transformer.
+"""generate() and stream(): batched, KV-cached autoregressive decoding.
 
-Ragged prompts are grouped by length and each group decodes as one batch, which is exact (no
-padding, no position shifts); outputs are reassembled in the caller's order. With the KV cache
-the prompt is prefilled in one forward and each step feeds one token; without it the whole
-sequence is re-run every step, the reference the cached path must match.
+Ragged prompts are left-padded into one batch; pads carry position -1, so each row is
+computed exactly as it would be alone (same positions, pads never attended). The prompt is
+prefilled in one forward, then each step feeds one token per row. Without the cache the whole
+sequence is re-run every step: the reference the cached path must equal.
+
+Context policy: a full-attention model refuses prompt + max_new_tokens > max_seq_len with a
+ValueError (see fit_to_context); a sliding-window model decodes past it with a rolling cache of
+window size, since RoPE is relative and the window bounds every distance.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,94 +21,58 @@ from torch import Tensor, nn
 
 from armodal.generation.config import DecodingConfig
 from armodal.generation.processors import process_logits
+from armodal.generation.sampling import RowSampler, guided_logits
+from armodal.generation.stopping import StopChecker
 
-__all__ = ["GenerationOutput", "generate", "fit_to_context"]
+__all__ = ["GenerationOutput", "TokenEvent", "generate", "stream", "fit_to_context"]
 
-OnToken = Callable[[int, int], None]
+Prompts = Sequence[Sequence[int]] | Tensor
 
 
 @dataclass
 class GenerationOutput:
-    """What `generate` returns; every list is in the order of the input prompts.
+    """What `generate` returns; lists are per output row, num_return_sequences rows per
+    prompt, in prompt order.
 
     Attributes:
         sequences: the new tokens of each row (prompt excluded, stop token included).
         prompts: the prompt ids of each row.
         logprobs: per new token, its log-probability under the distribution it was chosen
-            from: when sampling, the processed one (temperature, top-k, top-p applied); when
-            greedy, the temperature-1 untruncated one. Both include the hard constraints
-            (allowed_mask, stop ids blocked before min_new_tokens).
-        finish_reasons: "stop" (produced a stop token) or "length" (hit max_new_tokens).
+            from: when sampling, the processed one (penalties, temperature, top-k, top-p, ...);
+            when greedy or beam, the temperature-1 one after constraints and penalties.
+        finish_reasons: "stop_token", "stop_sequence", "stop_string" or "length".
+        top_logprobs: with config.top_logprobs = n, per token the n most likely (id, logprob).
+        scores: beam search only: each returned hypothesis' length-penalised score.
+        texts: when a `decode` function is given: each row's text, cut before a stop string.
     """
 
     sequences: list[list[int]]
     prompts: list[list[int]]
     logprobs: list[list[float]]
     finish_reasons: list[str]
+    top_logprobs: list[list[list[tuple[int, float]]]] | None = None
+    scores: list[float] | None = None
+    texts: list[str] | None = None
 
 
-def generate(model: nn.Module, prompts: Sequence[Sequence[int]] | Tensor, config: DecodingConfig,
-             allowed_mask: Tensor | None = None,
-             on_token: OnToken | None = None) -> GenerationOutput:
-    """Decode `config.max_new_tokens` (at most) new tokens after each prompt.
+@dataclass
+class TokenEvent:
+    """One produced token, as `stream` yields it."""
 
-    Args:
-        model: a Transformer with n_streams == 1 (called as model(idx) and model(idx, cache)).
-        prompts: a list of non-empty id lists of any lengths, or a (B, T) int64 tensor.
-            Callers include bos themselves.
-        config: the decoding settings.
-        allowed_mask: bool (V,) for every row or (B, V) per row; tokens outside it are never
-            generated.
-        on_token: streaming hook, called as on_token(row, token_id) as each token is produced,
-            with `row` the index of the prompt.
-
-    Raises ValueError for empty prompts, out-of-vocabulary prompt or stop ids, a request longer
-    than the model's max_seq_len, a bad allowed_mask, or a multi-stream model.
-    """
-    vocab, max_len = model.config.vocab_size, model.config.max_seq_len
-    if model.config.n_streams != 1:
-        raise ValueError(f"model has n_streams={model.config.n_streams}; multi-stream decoding "
-                         "comes with stream patterns, only n_streams=1 is supported now")
-    rows = _as_id_lists(prompts, vocab)
-    if any(i >= vocab for i in config.stop_token_ids):
-        raise ValueError(f"stop_token_ids={config.stop_token_ids} must be < the model's "
-                         f"vocab_size={vocab}")
-    longest = max(len(p) for p in rows)
-    if longest + config.max_new_tokens > max_len:
-        raise ValueError(f"prompt of {longest} tokens + max_new_tokens={config.max_new_tokens} "
-                         f"exceeds the model's max_seq_len={max_len}")
-    device = next(model.parameters()).device
-    mask = _check_allowed_mask(allowed_mask, len(rows), vocab, device)
-    generator = None
-    if config.seed is not None and not config.is_greedy:
-        generator = torch.Generator(device=device).manual_seed(config.seed)
-
-    by_length: dict[int, list[int]] = {}
-    for i, p in enumerate(rows):
-        by_length.setdefault(len(p), []).append(i)
-
-    n = len(rows)
-    out = GenerationOutput([[] for _ in range(n)], rows, [[] for _ in range(n)], ["length"] * n)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for length in sorted(by_length):
-                group = by_length[length]
-                idx = torch.tensor([rows[i] for i in group], dtype=torch.long, device=device)
-                group_mask = mask if mask is None or mask.dim() == 1 else mask[group]
-                _decode_group(model, idx, group, config, group_mask, generator, on_token, out)
-    finally:
-        model.train(was_training)
-    return out
+    row: int
+    token: int
+    logprob: float
+    text: str  # newly releasable text (held back while a stop string may be forming)
+    finish_reason: str | None  # set on the row's last token
 
 
 def fit_to_context(config: DecodingConfig, model: nn.Module, prompt_len: int) -> DecodingConfig:
     """config with max_new_tokens cut to the room the prompt leaves in the model's context.
 
-    Decoding past max_seq_len (a rolling window, attention sinks) is not supported yet, so
-    callers that take a preset such as max_new_tokens=256 for a 64-token model use this.
+    Sliding-window models decode past max_seq_len (rolling cache), so they are returned as is.
     """
+    if model.config.sliding_window is not None:
+        return config
     room = model.config.max_seq_len - prompt_len
     if room < 1:
         raise ValueError(f"prompt of {prompt_len} tokens leaves no room in the model's context "
@@ -115,58 +83,217 @@ def fit_to_context(config: DecodingConfig, model: nn.Module, prompt_len: int) ->
                                min_new_tokens=min(config.min_new_tokens, room))
 
 
-def _decode_group(model: nn.Module, idx: Tensor, group: list[int], config: DecodingConfig,
-                  mask: Tensor | None, generator: torch.Generator | None,
-                  on_token: OnToken | None, out: GenerationOutput) -> None:
-    """Decode one batch of equal-length prompts idx (B, T), writing rows `group` of `out`."""
-    b, t = idx.shape
-    stop_ids = set(config.stop_token_ids)
-    cache = model.new_cache(b, t + config.max_new_tokens) if config.use_cache else None
-    seq, step_input = idx, idx  # (B, T + step) full sequence, (B, T or 1) next model input
-    done = [False] * b
+def generate(model: nn.Module, prompts: Prompts, config: DecodingConfig, *,
+             allowed_mask: Tensor | None = None, step_masks: Tensor | None = None,
+             uncond_prompts: Prompts | None = None, seeds: Sequence[int | None] | None = None,
+             decode: Callable[[list[int]], str] | None = None,
+             on_token: Callable[[int, int], None] | None = None) -> GenerationOutput:
+    """Decode after each prompt; see `stream` for the arguments. Returns every row at once.
+
+    on_token(row, token_id) is called as each token is produced (a streaming hook).
+    """
+    if config.strategy == "beam":
+        from armodal.generation.beam import beam_search
+
+        return beam_search(model, _id_lists(prompts, model.config.vocab_size), config,
+                           allowed_mask=allowed_mask)
+    events = stream(model, prompts, config, allowed_mask=allowed_mask, step_masks=step_masks,
+                    uncond_prompts=uncond_prompts, seeds=seeds, decode=decode)
+    while True:
+        try:
+            event = next(events)
+        except StopIteration as done:
+            return done.value
+        if on_token is not None:
+            on_token(event.row, event.token)
+
+
+def stream(model: nn.Module, prompts: Prompts, config: DecodingConfig, *,
+           allowed_mask: Tensor | None = None, step_masks: Tensor | None = None,
+           uncond_prompts: Prompts | None = None, seeds: Sequence[int | None] | None = None,
+           decode: Callable[[list[int]], str] | None = None,
+           ) -> Generator[TokenEvent, None, GenerationOutput]:
+    """Yield a TokenEvent per produced token; the generator's return value is the output.
+
+    Args:
+        model: a Transformer with n_streams == 1.
+        prompts: id lists of any lengths (callers include bos), or a (B, T) int64 tensor.
+        config: the decoding settings (strategy "beam" goes through `generate`).
+        allowed_mask: bool (V,) for every row, or (P, V) per prompt: never generate outside.
+        step_masks: bool (S, V), or (P, S, V) per prompt: the allowed tokens at each of the
+            first S steps (segment layouts from TokenSpace.layout_masks); later steps free.
+        uncond_prompts: one per prompt, for classifier-free guidance with config.cfg_scale;
+            decoded alongside in the same batch and fed the same tokens.
+        seeds: one per prompt, overriding config.seed: a request's samples depend only on its
+            own seed, never on the rest of the batch.
+        decode: new-token ids -> text; needed for stop strings, fills TokenEvent.text.
+    """
+    vocab = model.config.vocab_size
+    if model.config.n_streams != 1:
+        raise ValueError(f"model has n_streams={model.config.n_streams}; multi-stream decoding "
+                         "comes with stream patterns, only n_streams=1 is supported now")
+    if config.strategy == "beam":
+        raise ValueError("strategy='beam' returns whole hypotheses: use generate(), not stream()")
+    if config.stop_strings and decode is None:
+        raise ValueError(f"stop_strings={config.stop_strings} need a decode function to turn "
+                         "tokens into text; pass decode=")
+    prompt_rows = _id_lists(prompts, vocab)
+    _check_ids_in_vocab(config, vocab)
+    n_prompts, n = len(prompt_rows), config.num_return_sequences
+    guided = config.cfg_scale != 1.0
+    if guided != (uncond_prompts is not None):
+        raise ValueError(f"cfg_scale={config.cfg_scale} and uncond_prompts go together: "
+                         "guidance needs one unconditional prompt per prompt, and a scale != 1")
+    rows = [p for p in prompt_rows for _ in range(n)]  # R = P * n output rows
+    feed = rows + ([p for p in _id_lists(uncond_prompts, vocab) for _ in range(n)]
+                   if guided else [])
+    if guided and len(feed) != 2 * len(rows):
+        raise ValueError(f"uncond_prompts has {len(feed) // n - n_prompts} prompts; "
+                         f"expected one per prompt ({n_prompts})")
+    if seeds is not None and len(seeds) != n_prompts:
+        raise ValueError(f"seeds has {len(seeds)} entries; expected one per prompt ({n_prompts})")
+    device = next(model.parameters()).device
+    masks = _per_row_masks(allowed_mask, step_masks, n_prompts, n, vocab, device)
+    cache, prompt_len = _plan_cache(model, feed, config)
+    sampler = None if config.is_greedy else RowSampler(
+        [seeds[i // n] if seeds is not None else config.seed for i in range(len(rows))],
+        [i % n for i in range(len(rows))], device)
+    stops = StopChecker(config, decode)
+    out = GenerationOutput([[] for _ in rows], rows, [[] for _ in rows],
+                           ["length"] * len(rows),
+                           [[] for _ in rows] if config.top_logprobs else None)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield from _decode(model, feed, len(rows), prompt_len, config, cache, masks,
+                               sampler, stops, out, device)
+    finally:
+        model.train(was_training)
+    if decode is not None:
+        out.texts = [stops.text(r) for r in range(len(rows))]
+    return out
+
+
+def _decode(model, feed, n_rows, prompt_len, config, cache, masks, sampler, stops, out, device
+            ) -> Iterator[TokenEvent]:
+    """The step loop over one left-padded batch of `feed` rows (the first n_rows are outputs;
+    the rest are their unconditional twins under guidance)."""
+    idx, positions = _left_pad(feed, device)  # (B, T), (B, T) or None
+    history = torch.where(positions >= 0, idx, -1) if positions is not None else idx.clone()
+    next_pos = torch.tensor([len(p) for p in feed], device=device)  # (B,)
+    step_input, done = idx, [False] * n_rows
     for step in range(config.max_new_tokens):
-        # Finished rows are still computed (the cache advances every row together); their
-        # tokens are simply not recorded.
         if cache is not None:
-            logits = model(step_input, cache)[:, -1]  # (B, V)
+            logits = model(step_input, cache, positions=positions)[:, -1]  # (B, V)
         else:
-            logits = model(seq)[:, -1]  # (B, V)
-        logits = process_logits(logits.float(), config, step, mask)
+            full_pos = None if positions is None else _positions_from(history)
+            logits = model(history.clamp(min=0), positions=full_pos)[:, -1]
+        logits = guided_logits(logits.float(), n_rows, config.cfg_scale)  # (R, V)
+        allowed = masks(step)
+        logits = process_logits(logits, config, step, allowed, history=history[:n_rows],
+                                prompt_len=prompt_len)
         if torch.isneginf(logits).all(dim=-1).any():
-            raise ValueError(f"no token is allowed at step {step}: allowed_mask and the "
-                             f"stop ids blocked by min_new_tokens={config.min_new_tokens} "
-                             "together remove the whole vocabulary")
-        tokens, logprobs = _choose(logits, config.is_greedy, generator)  # (B,), (B,)
-        for j, (token, logprob) in enumerate(zip(tokens.tolist(), logprobs.tolist())):
-            if done[j]:
+            raise ValueError(f"no token is allowed at step {step}: the allowed / step masks, "
+                             "bans and the stop ids blocked by min_new_tokens remove the whole "
+                             "vocabulary")
+        logp = logits.log_softmax(dim=-1)  # (R, V)
+        tokens = logits.argmax(-1) if sampler is None else sampler.sample(logp.exp())  # (R,)
+        chosen = logp.gather(-1, tokens[:, None]).squeeze(-1)  # (R,)
+        top = logp.topk(config.top_logprobs, dim=-1) if config.top_logprobs else None
+        for row, (token, logprob) in enumerate(zip(tokens.tolist(), chosen.tolist())):
+            if done[row]:
                 continue
-            row = group[j]
             out.sequences[row].append(token)
             out.logprobs[row].append(logprob)
-            if on_token is not None:
-                on_token(row, token)
-            if token in stop_ids:
-                done[j] = True
-                out.finish_reasons[row] = "stop"
+            if top is not None:
+                out.top_logprobs[row].append(list(zip(top.indices[row].tolist(),
+                                                      top.values[row].tolist())))
+            reason = stops.update(row, token)
+            if reason is None and step == config.max_new_tokens - 1:
+                reason = "length"
+                stops.finish(row, reason)
+            if reason is not None:
+                done[row] = True
+                out.finish_reasons[row] = reason
+            yield TokenEvent(row, token, logprob, stops.stream_text(row, final=reason is not None),
+                             reason)
         if all(done):
-            break
-        step_input = tokens[:, None]  # (B, 1)
-        if cache is None:
-            seq = torch.cat([seq, step_input], dim=1)
+            return
+        fed = tokens.repeat(len(feed) // n_rows)[:, None]  # (B, 1): twins get the same token
+        history = torch.cat([history, fed], 1)
+        step_input = fed
+        if positions is not None:
+            positions = next_pos[:, None].clone()
+        next_pos += 1
 
 
-def _choose(logits: Tensor, greedy: bool,
-            generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-    """Pick one token per row of logits (B, V); return tokens (B,) and their log-probs (B,)."""
-    logp = logits.log_softmax(dim=-1)  # (B, V)
-    if greedy:
-        tokens = logits.argmax(dim=-1)
-    else:
-        tokens = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
-    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+def _plan_cache(model: nn.Module, feed: list[list[int]], config: DecodingConfig):
+    """The cache for this request (None without use_cache) and the padded prompt length."""
+    c = model.config
+    longest = max(len(p) for p in feed)
+    total = longest + config.max_new_tokens
+    if total > c.max_seq_len and (c.sliding_window is None or not config.use_cache):
+        raise ValueError(f"prompt of {longest} tokens + max_new_tokens={config.max_new_tokens} "
+                         f"exceeds the model's max_seq_len={c.max_seq_len}; only a "
+                         f"sliding-window model with use_cache decodes past it")
+    if not config.use_cache:
+        return None, longest
+    if total > c.max_seq_len:
+        return model.new_cache(len(feed), rolling=True), longest
+    return model.new_cache(len(feed), total), longest
 
 
-def _as_id_lists(prompts: Sequence[Sequence[int]] | Tensor, vocab: int) -> list[list[int]]:
+def _left_pad(rows: list[list[int]], device) -> tuple[Tensor, Tensor | None]:
+    """(B, T) ids left-padded with 0, and positions (-1 on pads), None when no row is padded."""
+    t = max(len(r) for r in rows)
+    idx = torch.tensor([[0] * (t - len(r)) + r for r in rows], dtype=torch.long, device=device)
+    if all(len(r) == t for r in rows):
+        return idx, None
+    positions = torch.tensor([[-1] * (t - len(r)) + list(range(len(r))) for r in rows],
+                             dtype=torch.long, device=device)
+    return idx, positions
+
+
+def _positions_from(history: Tensor) -> Tensor:
+    """Positions (B, L) of a left-padded history (-1 marks pads)."""
+    real = history >= 0
+    return torch.where(real, real.long().cumsum(1) - 1, -1)
+
+
+def _per_row_masks(allowed: Tensor | None, step_masks: Tensor | None, n_prompts: int, n: int,
+                   vocab: int, device) -> Callable[[int], Tensor | None]:
+    """step -> bool (R, V) or (V,) of allowed tokens, combining both kinds of mask."""
+    allowed = _check_mask(allowed, "allowed_mask", (vocab,), n_prompts, n, device)
+    steps = _check_mask(step_masks, "step_masks", None, n_prompts, n, device)
+
+    def at(step: int) -> Tensor | None:
+        current = None if steps is None or step >= steps.shape[-2] else steps[..., step, :]
+        if current is None:
+            return allowed
+        return current if allowed is None else current & allowed
+    return at
+
+
+def _check_mask(mask: Tensor | None, name: str, shared: tuple | None, n_prompts: int, n: int,
+                device) -> Tensor | None:
+    if mask is None:
+        return None
+    shared_dims = 1 if shared is not None else 2
+    if mask.dtype != torch.bool or mask.dim() not in (shared_dims, shared_dims + 1) or \
+            (mask.dim() == shared_dims + 1 and mask.shape[0] != n_prompts):
+        raise ValueError(f"{name} must be bool, shared {'(V,)' if shared else '(S, V)'} or one "
+                         f"per prompt; got shape {tuple(mask.shape)} dtype {mask.dtype} for "
+                         f"{n_prompts} prompts")
+    if not mask.any(dim=-1).all():
+        raise ValueError(f"{name} allows no token at all for some row or step")
+    if mask.dim() == shared_dims + 1:
+        mask = mask.repeat_interleave(n, dim=0)  # one per output row
+    return mask.to(device)
+
+
+def _id_lists(prompts: Prompts, vocab: int) -> list[list[int]]:
     """Validate prompts and return them as plain lists of ints."""
     if isinstance(prompts, Tensor):
         if prompts.dim() != 2 or prompts.dtype != torch.long:
@@ -186,14 +313,12 @@ def _as_id_lists(prompts: Sequence[Sequence[int]] | Tensor, vocab: int) -> list[
     return rows
 
 
-def _check_allowed_mask(mask: Tensor | None, batch: int, vocab: int,
-                        device: torch.device) -> Tensor | None:
-    """Validate allowed_mask: bool (V,) or (B, V), at least one allowed token per row."""
-    if mask is None:
-        return None
-    if mask.dtype != torch.bool or mask.shape not in ((vocab,), (batch, vocab)):
-        raise ValueError(f"allowed_mask must be bool of shape ({vocab},) or ({batch}, {vocab}), "
-                         f"got shape {tuple(mask.shape)} dtype {mask.dtype}")
-    if not mask.any(dim=-1).all():
-        raise ValueError("allowed_mask allows no token at all for some row")
-    return mask.to(device)
+def _check_ids_in_vocab(config: DecodingConfig, vocab: int) -> None:
+    fields = {"stop_token_ids": config.stop_token_ids, "banned_token_ids": config.banned_token_ids,
+              "allowed_token_ids": config.allowed_token_ids or (),
+              "stop_sequences": tuple(i for seq in config.stop_sequences for i in seq)}
+    for name, ids in fields.items():
+        bad = [i for i in ids if i >= vocab]
+        if bad:
+            raise ValueError(f"{name} has ids {bad[:5]} outside the model's vocabulary "
+                             f"[0, {vocab})")

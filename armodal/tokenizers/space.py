@@ -131,6 +131,31 @@ class TokenSpace:
             mask[self.special_ids[name]] = True
         return mask
 
+    def layout_masks(self, layout: Sequence[str | int]) -> torch.Tensor:
+        """(S, vocab_size) bool step masks for decoding a segment of known layout.
+
+        layout[s] names what step s may produce: a modality (any of its ids), a special or
+        marker name (exactly that token, e.g. "<eoi>"), or a global id. With these masks
+        `generate(..., step_masks=...)` emits exactly the layout: e.g. an H x W image is
+        ["image"] * (H * W) + ["<eoi>"], or rows ending in an end-of-row marker.
+        """
+        masks = torch.zeros(len(layout), self.vocab_size, dtype=torch.bool)
+        for step, item in enumerate(layout):
+            if isinstance(item, int) and not isinstance(item, bool):
+                if not 0 <= item < self.vocab_size:
+                    raise ValueError(f"layout step {step}: id {item} is outside the vocabulary "
+                                     f"[0, {self.vocab_size})")
+                masks[step, item] = True
+            elif item in self.special_ids:
+                masks[step, self.special_ids[item]] = True
+            elif item in self.modalities:
+                masks[step] = self.modality_mask(item)
+            else:
+                raise ValueError(f"layout step {step}: {item!r} is neither a modality "
+                                 f"{list(self.modalities)}, a special token "
+                                 f"{list(self.special_ids)} nor a global id")
+        return masks
+
     def pack(self, segments: Sequence[tuple[str, torch.Tensor]], bos: bool = True, eos: bool = True) -> torch.Tensor:
         """(T,) int64 global ids: [<bos>] ([begin] ids [end])... [<eos>]."""
         parts = [torch.tensor([self.bos_id])] if bos else []

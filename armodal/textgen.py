@@ -1,0 +1,90 @@
+"""Text in, text out for a trained run: what `armodal generate` does, as plain functions."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Iterable
+from typing import TextIO
+
+from armodal.callbacks import decode_text, encode_prompt
+from armodal.checkpoint import LoadedRun
+from armodal.generation import DecodingConfig, fit_to_context, generate, stream
+
+
+def read_prompts(prompt: str | None, prompt_file: str | None,
+                 stdin: TextIO = sys.stdin) -> list[str]:
+    """The prompt, or one prompt per line of prompt_file ("-": standard input)."""
+    if prompt_file is None:
+        return [prompt or ""]
+    if prompt:
+        raise ValueError("give either prompt= or prompt_file=, not both")
+    if prompt_file == "-":
+        lines = stdin.read().splitlines()
+    else:
+        try:
+            with open(prompt_file, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"prompt_file {prompt_file!r} does not exist; give a text "
+                                    f"file with one prompt per line, or - for stdin") from None
+    if not lines:
+        raise ValueError(f"prompt_file {prompt_file!r} holds no prompts (one per line)")
+    return lines
+
+
+def run_decoding(run: LoadedRun, requested: DecodingConfig, longest_prompt: int,
+                 warn: TextIO = sys.stderr) -> DecodingConfig:
+    """The request with the run's eos as a stop token, fitted to the model's context."""
+    stops = tuple(dict.fromkeys((*requested.stop_token_ids, run.space.eos_id)))
+    decoding = fit_to_context(dataclasses.replace(requested, stop_token_ids=stops), run.model,
+                              longest_prompt)
+    if decoding.max_new_tokens < requested.max_new_tokens:
+        print(f"note: max_new_tokens={requested.max_new_tokens} cut to "
+              f"{decoding.max_new_tokens}, the room left in the model's "
+              f"{run.model.config.max_seq_len}-token context", file=warn)
+    return decoding
+
+
+def generate_text(run: LoadedRun, prompts: list[str], requested: DecodingConfig) -> list[dict]:
+    """One record per output row: prompt, text, tokens, logprobs, finish reason (+ extras)."""
+    ids = [encode_prompt(run.tokenizer, run.space, p) for p in prompts]
+    decoding = run_decoding(run, requested, max(len(i) for i in ids))
+    out = generate(run.model, ids, decoding, decode=_decoder(run))
+    n = decoding.num_return_sequences
+    records = []
+    for row, tokens in enumerate(out.sequences):
+        text = out.texts[row] if out.texts is not None else _decoder(run)(tokens)
+        record = {"prompt": prompts[row // n], "text": text, "tokens": tokens,
+                  "logprobs": out.logprobs[row], "finish_reason": out.finish_reasons[row]}
+        if out.top_logprobs is not None:
+            record["top_logprobs"] = out.top_logprobs[row]
+        if out.scores is not None:
+            record["score"] = out.scores[row]
+        records.append(record)
+    return records
+
+
+def stream_text(run: LoadedRun, prompt: str, requested: DecodingConfig) -> Iterable[str]:
+    """The prompt, then pieces of generated text as they are produced (one row)."""
+    ids = encode_prompt(run.tokenizer, run.space, prompt)
+    decoding = run_decoding(run, requested, len(ids))
+    yield prompt
+    for event in stream(run.model, [ids], decoding, decode=_decoder(run)):
+        yield event.text
+
+
+def write_records(records: list[dict], fmt: str, out: TextIO = sys.stdout) -> None:
+    if fmt == "jsonl":
+        for record in records:
+            out.write(json.dumps(record) + "\n")
+        return
+    for i, record in enumerate(records):
+        if len(records) > 1:
+            out.write(f"--- sample {i} ({record['finish_reason']})\n")
+        out.write(record["prompt"] + record["text"] + "\n")
+
+
+def _decoder(run: LoadedRun):
+    return lambda tokens: decode_text(run.tokenizer, run.space, tokens)
