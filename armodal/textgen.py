@@ -14,14 +14,14 @@ from armodal.generation import DecodingConfig, fit_to_context, generate, stream
 
 
 def read_prompts(prompt: str | None, prompt_file: str | None,
-                 stdin: TextIO = sys.stdin) -> list[str]:
+                 stdin: TextIO | None = None) -> list[str]:
     """The prompt, or one prompt per line of prompt_file ("-": standard input)."""
     if prompt_file is None:
         return [prompt or ""]
     if prompt:
         raise ValueError("give either prompt= or prompt_file=, not both")
     if prompt_file == "-":
-        lines = stdin.read().splitlines()
+        lines = (stdin or sys.stdin).read().splitlines()
     else:
         try:
             with open(prompt_file, encoding="utf-8") as f:

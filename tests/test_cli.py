@@ -117,3 +117,23 @@ def test_readme_commands_on_a_fresh_venv(tmp_path):
     assert "run finished" in demo.stdout
     run_dirs = list((repo / "runs" / "text_code_cpu").iterdir())
     assert (run_dirs[0] / "model.safetensors").is_file()
+
+
+def test_generate_prompt_file_to_jsonl(char_run, tmp_path, capsys, monkeypatch):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def \nclass \n")
+    code, out, _ = run_cli(["generate", f"run={char_run.run_dir}", f"prompt_file={prompts}",
+                            "format=jsonl", "decoding=greedy", "decoding.max_new_tokens=6",
+                            "decoding.top_logprobs=2"], capsys)
+    records = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [r["prompt"] for r in records] == ["def ", "class "]
+    for r in records:
+        assert len(r["tokens"]) == len(r["logprobs"]) == len(r["top_logprobs"]) <= 6
+        assert r["finish_reason"] in ("length", "stop_token")
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("def \n"))
+    code, out, _ = run_cli(["generate", f"run={char_run.run_dir}", "prompt_file=-",
+                            "format=jsonl", "decoding=greedy", "decoding.max_new_tokens=6"],
+                           capsys)
+    assert code == 0 and json.loads(out)["tokens"] == records[0]["tokens"]
