@@ -180,3 +180,12 @@ def test_ids_outside_the_vocabulary_are_refused_before_compute():
         generate(model, [[1, 99]], DecodingConfig())
     with pytest.raises(ValueError, match="empty"):
         generate(model, [[]], DecodingConfig())
+
+
+def test_generate_routes_beam_strategy_to_beam_search():
+    model = model_for()
+    out = generate(model, [[1, 2], [3]], DecodingConfig(strategy="beam", num_beams=3,
+                                                        max_new_tokens=5,
+                                                        num_return_sequences=2))
+    assert len(out.sequences) == 4 and len(out.scores) == 4
+    assert out.scores[0] >= out.scores[1] and out.scores[2] >= out.scores[3]

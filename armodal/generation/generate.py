@@ -95,8 +95,11 @@ def generate(model: nn.Module, prompts: Prompts, config: DecodingConfig, *,
     if config.strategy == "beam":
         from armodal.generation.beam import beam_search
 
+        if step_masks is not None or uncond_prompts is not None:
+            raise ValueError("strategy='beam' takes neither step_masks nor uncond_prompts; "
+                             "use greedy or sampling for segment layouts and guidance")
         return beam_search(model, _id_lists(prompts, model.config.vocab_size), config,
-                           allowed_mask=allowed_mask)
+                           allowed_mask=allowed_mask).to_generation_output()
     events = stream(model, prompts, config, allowed_mask=allowed_mask, step_masks=step_masks,
                     uncond_prompts=uncond_prompts, seeds=seeds, decode=decode)
     while True:
