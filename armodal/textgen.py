@@ -35,7 +35,7 @@ def read_prompts(prompt: str | None, prompt_file: str | None,
 
 
 def run_decoding(run: LoadedRun, requested: DecodingConfig, longest_prompt: int,
-                 warn: TextIO = sys.stderr) -> DecodingConfig:
+                 warn: TextIO | None = None) -> DecodingConfig:
     """The request with the run's eos as a stop token, fitted to the model's context."""
     stops = tuple(dict.fromkeys((*requested.stop_token_ids, run.space.eos_id)))
     decoding = fit_to_context(dataclasses.replace(requested, stop_token_ids=stops), run.model,
@@ -43,7 +43,7 @@ def run_decoding(run: LoadedRun, requested: DecodingConfig, longest_prompt: int,
     if decoding.max_new_tokens < requested.max_new_tokens:
         print(f"note: max_new_tokens={requested.max_new_tokens} cut to "
               f"{decoding.max_new_tokens}, the room left in the model's "
-              f"{run.model.config.max_seq_len}-token context", file=warn)
+              f"{run.model.config.max_seq_len}-token context", file=warn or sys.stderr)
     return decoding
 
 
@@ -75,7 +75,8 @@ def stream_text(run: LoadedRun, prompt: str, requested: DecodingConfig) -> Itera
         yield event.text
 
 
-def write_records(records: list[dict], fmt: str, out: TextIO = sys.stdout) -> None:
+def write_records(records: list[dict], fmt: str, out: TextIO | None = None) -> None:
+    out = out or sys.stdout  # looked up per call: tests and callers may swap sys.stdout
     if fmt == "jsonl":
         for record in records:
             out.write(json.dumps(record) + "\n")

@@ -122,11 +122,12 @@ def test_readme_commands_on_a_fresh_venv(tmp_path):
 def test_generate_prompt_file_to_jsonl(char_run, tmp_path, capsys, monkeypatch):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("def \nclass \n")
-    code, out, _ = run_cli(["generate", f"run={char_run.run_dir}", f"prompt_file={prompts}",
+    code, out, err = run_cli(["generate", f"run={char_run.run_dir}", f"prompt_file={prompts}",
                             "format=jsonl", "decoding=greedy", "decoding.max_new_tokens=6",
                             "decoding.top_logprobs=2"], capsys)
+    assert code == 0, err
     records = [json.loads(line) for line in out.splitlines()]
-    assert code == 0 and [r["prompt"] for r in records] == ["def ", "class "]
+    assert [r["prompt"] for r in records] == ["def ", "class "]
     for r in records:
         assert len(r["tokens"]) == len(r["logprobs"]) == len(r["top_logprobs"]) <= 6
         assert r["finish_reason"] in ("length", "stop_token")
