@@ -79,10 +79,13 @@ def run_generate(args: list[str]) -> None:
     from armodal.checkpoint import load_run
     from armodal.textgen import generate_text, read_prompts, stream_text, write_records
 
-    cfg = compose_config(CONF_DIR, "generate", args)
+    # The prompt is taken verbatim: Hydra's override grammar would strip its spaces and
+    # reinterpret quotes, brackets and escapes, and a prompt is text, not a config value.
+    raw = [a.split("=", 1)[1] for a in args if a.startswith("prompt=")]
+    cfg = compose_config(CONF_DIR, "generate", [a for a in args if not a.startswith("prompt=")])
     if cfg.format not in ("text", "jsonl"):
         raise UsageError(f"format={cfg.format!r}; use text or jsonl")
-    prompts = read_prompts(cfg.prompt, cfg.prompt_file)
+    prompts = read_prompts(raw[-1] if raw else cfg.prompt, cfg.prompt_file)
     decoding = instantiate(cfg.decoding)
     run = load_run(cfg.run, cfg.device)
     if cfg.format == "text" and len(prompts) == 1 and decoding.num_return_sequences == 1 \

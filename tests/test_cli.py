@@ -26,6 +26,12 @@ def test_generate_from_run_dir(char_run, capsys):
                             "decoding=greedy", "decoding.max_new_tokens=12"], capsys)
     text = out[:-1]  # print's newline
     assert code == 0 and text.startswith("def ") and len("def ") < len(text) <= len("def ") + 12
+    # The prompt is verbatim (spaces, quotes, brackets), not parsed as a config value.
+    code, out, err = run_cli(["generate", f"run={char_run.run_dir}", "prompt= x['a'] = ",
+                              "format=jsonl", "decoding=greedy", "decoding.max_new_tokens=2"],
+                             capsys)
+    assert code == 0, err
+    assert json.loads(out)["prompt"] == " x['a'] = "
     code, out, _ = run_cli(["generate", f"run={char_run.run_dir}", "prompt=x", "decoding.num_return_sequences=2",
                             "decoding=top_p", "decoding.seed=3", "decoding.max_new_tokens=8"],
                            capsys)
