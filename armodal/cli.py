@@ -56,6 +56,17 @@ def split_args(args: list[str]) -> tuple[str | None, list[str]]:
     return (positional[0] if positional else None), [a for a in args if a not in positional]
 
 
+def quiet_lightning() -> None:
+    """Drop Lightning's advertising tips and a deprecation warning it raises against new torch:
+    neither is actionable for an armodal user, and they bury the progress and summary."""
+    import logging
+    import warnings
+
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: "Tip:" not in record.getMessage())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
 def run_train(args: list[str]) -> None:
     import hydra
 
@@ -63,6 +74,7 @@ def run_train(args: list[str]) -> None:
 
     recipe, overrides = split_args(args)
     config_dir, name = resolve_recipe(recipe or DEFAULT_RECIPE)
+    quiet_lightning()
 
     def task(cfg) -> None:
         with friendly_errors("train"):
