@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
+import io
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
 
-from armodal.generation import DecodingConfig, fit_to_context, generate
+from armodal.generation import DecodingConfig, generate
 from armodal.tokenizers.base import Tokenizer
+from armodal.textgen import decode_text, decoding_for, encode_prompt
 from armodal.tokenizers.space import TokenSpace
 
 
@@ -86,24 +87,9 @@ def sample_text(model: torch.nn.Module, tokenizer: Tokenizer, space: TokenSpace,
                 decoding: DecodingConfig) -> str:
     """Prompt text in, prompt + continuation text out (stops at eos)."""
     prompt_ids = encode_prompt(tokenizer, space, prompt)
-    limit = model.config.max_seq_len - len(prompt_ids)
-    config = dataclasses.replace(decoding, max_new_tokens=min(decoding.max_new_tokens, limit),
-                              stop_token_ids=(space.eos_id,))
+    config = decoding_for(model, space, decoding, len(prompt_ids), warn=io.StringIO())
     out = generate(model, [prompt_ids], config)
     return prompt + decode_text(tokenizer, space, out.sequences[0])
-
-
-def encode_prompt(tokenizer: Tokenizer, space: TokenSpace, prompt: str) -> list[int]:
-    """bos + the prompt's global ids."""
-    local = tokenizer.encode(prompt) if prompt else torch.zeros(0, dtype=torch.long)
-    return [space.bos_id] + space.to_global(tokenizer.modality, local).tolist()
-
-
-def decode_text(tokenizer: Tokenizer, space: TokenSpace, ids: list[int]) -> str:
-    """Global ids to text; structural tokens (eos, pad) are dropped."""
-    segments = space.split(torch.tensor(ids, dtype=torch.long))
-    return "".join(tokenizer.decode(local) for modality, local in segments
-                   if modality == tokenizer.modality)
 
 
 class WallClock(L.Callback):

@@ -8,9 +8,25 @@ import sys
 from collections.abc import Iterable
 from typing import TextIO
 
-from armodal.callbacks import decode_text, encode_prompt
+import torch
+
 from armodal.checkpoint import LoadedRun
 from armodal.generation import DecodingConfig, fit_to_context, generate, stream
+from armodal.tokenizers.base import Tokenizer
+from armodal.tokenizers.space import TokenSpace
+
+
+def encode_prompt(tokenizer: Tokenizer, space: TokenSpace, prompt: str) -> list[int]:
+    """bos + the prompt's global ids."""
+    local = tokenizer.encode(prompt) if prompt else torch.zeros(0, dtype=torch.long)
+    return [space.bos_id] + space.to_global(tokenizer.modality, local).tolist()
+
+
+def decode_text(tokenizer: Tokenizer, space: TokenSpace, ids: list[int]) -> str:
+    """Global ids to text; structural tokens (eos, pad) are dropped."""
+    segments = space.split(torch.tensor(ids, dtype=torch.long))
+    return "".join(tokenizer.decode(local) for modality, local in segments
+                   if modality == tokenizer.modality)
 
 
 def read_prompts(prompt: str | None, prompt_file: str | None,
@@ -34,23 +50,24 @@ def read_prompts(prompt: str | None, prompt_file: str | None,
     return lines
 
 
-def run_decoding(run: LoadedRun, requested: DecodingConfig, longest_prompt: int,
-                 warn: TextIO | None = None) -> DecodingConfig:
-    """The request with the run's eos as a stop token, fitted to the model's context."""
-    stops = tuple(dict.fromkeys((*requested.stop_token_ids, run.space.eos_id)))
-    decoding = fit_to_context(dataclasses.replace(requested, stop_token_ids=stops), run.model,
+def decoding_for(model: torch.nn.Module, space: TokenSpace, requested: DecodingConfig,
+                 longest_prompt: int, warn: TextIO | None = None) -> DecodingConfig:
+    """The request with the space's eos as a stop token, fitted to the model's context
+    (a note on `warn`, stderr by default, when max_new_tokens had to be cut)."""
+    stops = tuple(dict.fromkeys((*requested.stop_token_ids, space.eos_id)))
+    decoding = fit_to_context(dataclasses.replace(requested, stop_token_ids=stops), model,
                               longest_prompt)
     if decoding.max_new_tokens < requested.max_new_tokens:
         print(f"note: max_new_tokens={requested.max_new_tokens} cut to "
               f"{decoding.max_new_tokens}, the room left in the model's "
-              f"{run.model.config.max_seq_len}-token context", file=warn or sys.stderr)
+              f"{model.config.max_seq_len}-token context", file=warn or sys.stderr)
     return decoding
 
 
 def generate_text(run: LoadedRun, prompts: list[str], requested: DecodingConfig) -> list[dict]:
     """One record per output row: prompt, text, tokens, logprobs, finish reason (+ extras)."""
     ids = [encode_prompt(run.tokenizer, run.space, p) for p in prompts]
-    decoding = run_decoding(run, requested, max(len(i) for i in ids))
+    decoding = decoding_for(run.model, run.space, requested, max(len(i) for i in ids))
     out = generate(run.model, ids, decoding, decode=_decoder(run))
     n = decoding.num_return_sequences
     records = []
@@ -69,7 +86,7 @@ def generate_text(run: LoadedRun, prompts: list[str], requested: DecodingConfig)
 def stream_text(run: LoadedRun, prompt: str, requested: DecodingConfig) -> Iterable[str]:
     """The prompt, then pieces of generated text as they are produced (one row)."""
     ids = encode_prompt(run.tokenizer, run.space, prompt)
-    decoding = run_decoding(run, requested, len(ids))
+    decoding = decoding_for(run.model, run.space, requested, len(ids))
     yield prompt
     for event in stream(run.model, [ids], decoding, decode=_decoder(run)):
         yield event.text

@@ -74,8 +74,8 @@ def main() -> None:
         for batch in (1, 8):
             rows = prompts[:batch]
             t_ours, ours_tokens = median_seconds(
-                lambda: generate(ours, rows, greedy).sequences, args.runs)
-            t_hf, hf_tokens = median_seconds(lambda: hf_decode(hf, rows), args.runs)
+                lambda rows=rows: generate(ours, rows, greedy).sequences, args.runs)
+            t_hf, hf_tokens = median_seconds(lambda rows=rows: hf_decode(hf, rows), args.runs)
             assert ours_tokens == hf_tokens, f"greedy batch {batch}: tokens differ from HF"
             print(f"greedy_b{batch}: armodal tokens == transformers tokens "
                   f"({batch} x {NEW_TOKENS})")

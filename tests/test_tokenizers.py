@@ -314,7 +314,7 @@ def test_space_pack_split_two_modalities(space):
     assert packed.tolist() == [1, 5, 14, 3, 19, 15, 16, 4, 3, 4, 8, 2]
     out = space.split(packed)
     assert [m for m, _ in out] == ["text", "image", "image", "text"]
-    for (m, ids), (m2, ids2) in zip(out, segs):
+    for (_, ids), (_, ids2) in zip(out, segs):
         assert torch.equal(ids, ids2)
     assert space.pack(segs, bos=False, eos=False).tolist() == packed.tolist()[1:-1]
 
