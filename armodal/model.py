@@ -97,10 +97,6 @@ class KVCache:
         self.padded = False  # some slot holds a pad: masks are needed even for T = 1
         self.pos = 0
 
-    def reset(self) -> None:
-        self.pos, self.padded = 0, False
-        self.slot_pos.fill_(-1)
-
     def reorder(self, rows: Tensor) -> None:
         """Keep batch rows `rows` (B',) in that order, e.g. the surviving beams' parents."""
         self.k = self.k.index_select(1, rows)
@@ -306,15 +302,13 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {start + t} positions exceeds the limit of {limit} "
                              f"(model max_seq_len={c.max_seq_len}; only sliding-window models "
                              f"decode past it, with a rolling cache)")
-        cos, sin, mask = self._rope_and_mask(start, t, positions, cache)
+        q_pos, cos, sin, mask = self._rope_and_mask(start, t, positions, cache)
         x = self.drop(x)
         for layer, block in enumerate(self.blocks):
             x = block(x, cos, sin, cache, layer, mask)
         if cache is not None:
-            q_pos = positions if positions is not None else \
-                torch.arange(start, start + t, device=x.device).expand(x.shape[0], t)
             keep = min(t, cache.max_len)
-            cache.slot_pos[:, cache.slots(t)[-keep:]] = q_pos[:, -keep:]
+            cache.slot_pos[:, cache.slots(t)[-keep:]] = q_pos[:, -keep:]  # (1|B, T) broadcasts
             cache.padded |= positions is not None and bool((positions < 0).any())
             cache.pos = start + t
         logits = self.head(self.norm(x))  # (B, T, K*V)
@@ -324,7 +318,8 @@ class Transformer(nn.Module):
 
     def _rope_and_mask(self, start: int, t: int, positions: Tensor | None,
                        cache: KVCache | None):
-        """RoPE tables for the new positions and the attention mask (None when not needed)."""
+        """Query positions (1|B, T), RoPE tables for them, and the attention mask (None when
+        not needed)."""
         c, device = self.config, self.embed.weight.device
         if positions is None:
             q_pos = torch.arange(start, start + t, device=device)[None]  # (1, T)
@@ -340,7 +335,7 @@ class Transformer(nn.Module):
         if not padded and c.sliding_window is None and not (cache is not None and cache.rolling):
             # Plain causal: the fused kernel at start 0, or one new token seeing all the cache.
             if start == 0 or t == 1:
-                return cos, sin, None
+                return q_pos, cos, sin, None
         if cache is None:
             k_pos = q_pos
         elif cache.rolling:
@@ -348,7 +343,7 @@ class Transformer(nn.Module):
         else:
             k_pos = torch.cat([cache.slot_pos[:, :start],
                                q_pos.expand(cache.slot_pos.shape[0], t)], 1)
-        return cos, sin, attention_allowed(q_pos, k_pos, c.sliding_window)
+        return q_pos, cos, sin, attention_allowed(q_pos, k_pos, c.sliding_window)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

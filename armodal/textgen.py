@@ -68,11 +68,12 @@ def generate_text(run: LoadedRun, prompts: list[str], requested: DecodingConfig)
     """One record per output row: prompt, text, tokens, logprobs, finish reason (+ extras)."""
     ids = [encode_prompt(run.tokenizer, run.space, p) for p in prompts]
     decoding = decoding_for(run.model, run.space, requested, max(len(i) for i in ids))
-    out = generate(run.model, ids, decoding, decode=_decoder(run))
+    decode = _decoder(run)
+    out = generate(run.model, ids, decoding, decode=decode)
     n = decoding.num_return_sequences
     records = []
     for row, tokens in enumerate(out.sequences):
-        text = out.texts[row] if out.texts is not None else _decoder(run)(tokens)
+        text = out.texts[row] if out.texts is not None else decode(tokens)  # beam: no texts
         record = {"prompt": prompts[row // n], "text": text, "tokens": tokens,
                   "logprobs": out.logprobs[row], "finish_reason": out.finish_reasons[row]}
         if out.top_logprobs is not None:

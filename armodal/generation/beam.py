@@ -46,6 +46,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from armodal.generation.checks import (
+    check_ids_in_vocab,
+    check_mask,
+    check_single_stream,
+    id_lists,
+)
 from armodal.generation.config import DecodingConfig
 from armodal.generation.generate import GenerationOutput
 from armodal.generation.processors import process_logits
@@ -99,21 +105,15 @@ def beam_search(model: nn.Module, prompts: Sequence[Sequence[int]], config: Deco
     max_new_tokens longer than the model's max_seq_len, or a bad allowed_mask.
     """
     vocab, max_len = model.config.vocab_size, model.config.max_seq_len
-    if model.config.n_streams != 1:
-        raise ValueError(f"beam search needs n_streams=1, got {model.config.n_streams}")
-    rows = [[int(i) for i in p] for p in prompts]
+    check_single_stream(model)
+    rows = id_lists(prompts, vocab)
     for r, p in enumerate(rows):
-        if not p or not all(0 <= i < vocab for i in p):
-            raise ValueError(f"prompt {r} must be non-empty with ids in [0, {vocab}), got {p}")
         if len(p) + config.max_new_tokens > max_len:
             raise ValueError(f"prompt {r} of {len(p)} tokens + max_new_tokens="
                              f"{config.max_new_tokens} exceeds the model's max_seq_len={max_len}")
-    if any(i >= vocab for i in config.stop_token_ids):
-        raise ValueError(f"stop_token_ids={config.stop_token_ids} must be < vocab_size={vocab}")
-    if allowed_mask is not None and (allowed_mask.dtype != torch.bool or
-                                     allowed_mask.shape not in ((vocab,), (len(rows), vocab))):
-        raise ValueError(f"allowed_mask must be bool of shape ({vocab},) or ({len(rows)}, "
-                         f"{vocab}), got {tuple(allowed_mask.shape)} {allowed_mask.dtype}")
+    check_ids_in_vocab(config, vocab)
+    allowed_mask = check_mask(allowed_mask, "allowed_mask", False, len(rows), vocab,
+                              device=next(model.parameters()).device)
     out = BeamOutput([], [], [], [], [], [])
     was_training = model.training
     model.eval()
@@ -137,8 +137,6 @@ def _search_one(model: nn.Module, prompt: list[int], config: DecodingConfig,
     k = min(max(2, 1 + len(config.stop_token_ids)) * n, n * vocab)
     stop_ids = torch.tensor(config.stop_token_ids, dtype=torch.long, device=device)
     stop_seqs = [torch.tensor(s, device=device) for s in config.stop_sequences]
-    if mask is not None:
-        mask = mask.to(device)
 
     prompt_ids = torch.tensor([prompt], device=device)  # (1, P)
     cache = model.new_cache(1, len(prompt) + m)

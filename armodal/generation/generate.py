@@ -19,15 +19,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from armodal.generation.checks import (
+    Prompts,
+    check_ids_in_vocab,
+    check_mask,
+    check_single_stream,
+    id_lists,
+)
 from armodal.generation.config import DecodingConfig
 from armodal.generation.processors import process_logits
 from armodal.generation.sampling import RowSampler, guided_logits
 from armodal.generation.stopping import StopChecker
 
 __all__ = ["GenerationOutput", "TokenEvent", "generate", "stream", "fit_to_context"]
-
-Prompts = Sequence[Sequence[int]] | Tensor
-
 
 @dataclass
 class GenerationOutput:
@@ -98,10 +102,11 @@ def generate(model: nn.Module, prompts: Prompts, config: DecodingConfig, *,
         if step_masks is not None or uncond_prompts is not None:
             raise ValueError("strategy='beam' takes neither step_masks nor uncond_prompts; "
                              "use greedy or sampling for segment layouts and guidance")
-        return beam_search(model, _id_lists(prompts, model.config.vocab_size), config,
+        return beam_search(model, id_lists(prompts, model.config.vocab_size), config,
                            allowed_mask=allowed_mask).to_generation_output()
-    events = stream(model, prompts, config, allowed_mask=allowed_mask, step_masks=step_masks,
-                    uncond_prompts=uncond_prompts, seeds=seeds, decode=decode)
+    # Streamed text is not wanted here: texts are decoded once, at the end.
+    events = _run(model, prompts, config, allowed_mask, step_masks, uncond_prompts, seeds,
+                  decode, stream_text=False)
     while True:
         try:
             event = next(events)
@@ -131,24 +136,29 @@ def stream(model: nn.Module, prompts: Prompts, config: DecodingConfig, *,
             own seed, never on the rest of the batch.
         decode: new-token ids -> text; needed for stop strings, fills TokenEvent.text.
     """
+    return (yield from _run(model, prompts, config, allowed_mask, step_masks, uncond_prompts,
+                            seeds, decode, stream_text=True))
+
+
+def _run(model, prompts, config, allowed_mask, step_masks, uncond_prompts, seeds, decode,
+         stream_text: bool) -> Generator[TokenEvent, None, GenerationOutput]:
+    """stream()'s body; with stream_text=False events carry no text (no per-token decoding)."""
     vocab = model.config.vocab_size
-    if model.config.n_streams != 1:
-        raise ValueError(f"model has n_streams={model.config.n_streams}; multi-stream decoding "
-                         "comes with stream patterns, only n_streams=1 is supported now")
+    check_single_stream(model)
     if config.strategy == "beam":
         raise ValueError("strategy='beam' returns whole hypotheses: use generate(), not stream()")
     if config.stop_strings and decode is None:
         raise ValueError(f"stop_strings={config.stop_strings} need a decode function to turn "
                          "tokens into text; pass decode=")
-    prompt_rows = _id_lists(prompts, vocab)
-    _check_ids_in_vocab(config, vocab)
+    prompt_rows = id_lists(prompts, vocab)
+    check_ids_in_vocab(config, vocab)
     n_prompts, n = len(prompt_rows), config.num_return_sequences
     guided = config.cfg_scale != 1.0
     if guided != (uncond_prompts is not None):
         raise ValueError(f"cfg_scale={config.cfg_scale} and uncond_prompts go together: "
                          "guidance needs one unconditional prompt per prompt, and a scale != 1")
     rows = [p for p in prompt_rows for _ in range(n)]  # R = P * n output rows
-    feed = rows + ([p for p in _id_lists(uncond_prompts, vocab) for _ in range(n)]
+    feed = rows + ([p for p in id_lists(uncond_prompts, vocab) for _ in range(n)]
                    if guided else [])
     if guided and len(feed) != 2 * len(rows):
         raise ValueError(f"uncond_prompts has {len(feed) // n - n_prompts} prompts; "
@@ -171,7 +181,7 @@ def stream(model: nn.Module, prompts: Prompts, config: DecodingConfig, *,
     try:
         with torch.inference_mode():
             yield from _decode(model, feed, len(rows), prompt_len, config, cache, masks,
-                               sampler, stops, out, device)
+                               sampler, stops, out, device, stream_text and decode is not None)
     finally:
         model.train(was_training)
     if decode is not None:
@@ -179,8 +189,8 @@ def stream(model: nn.Module, prompts: Prompts, config: DecodingConfig, *,
     return out
 
 
-def _decode(model, feed, n_rows, prompt_len, config, cache, masks, sampler, stops, out, device
-            ) -> Iterator[TokenEvent]:
+def _decode(model, feed, n_rows, prompt_len, config, cache, masks, sampler, stops, out, device,
+            stream_text: bool) -> Iterator[TokenEvent]:
     """The step loop over one left-padded batch of `feed` rows (the first n_rows are outputs;
     the rest are their unconditional twins under guidance)."""
     idx, positions = _left_pad(feed, device)  # (B, T), (B, T) or None
@@ -220,8 +230,8 @@ def _decode(model, feed, n_rows, prompt_len, config, cache, masks, sampler, stop
             if reason is not None:
                 done[row] = True
                 out.finish_reasons[row] = reason
-            yield TokenEvent(row, token, logprob, stops.stream_text(row, final=reason is not None),
-                             reason)
+            text = stops.stream_text(row, final=reason is not None) if stream_text else ""
+            yield TokenEvent(row, token, logprob, text, reason)
         if all(done):
             return
         fed = tokens.repeat(len(feed) // n_rows)[:, None]  # (B, 1): twins get the same token
@@ -268,8 +278,8 @@ def _positions_from(history: Tensor) -> Tensor:
 def _per_row_masks(allowed: Tensor | None, step_masks: Tensor | None, n_prompts: int, n: int,
                    vocab: int, device) -> Callable[[int], Tensor | None]:
     """step -> bool (R, V) or (V,) of allowed tokens, combining both kinds of mask."""
-    allowed = _check_mask(allowed, "allowed_mask", (vocab,), n_prompts, n, device)
-    steps = _check_mask(step_masks, "step_masks", None, n_prompts, n, device)
+    allowed = check_mask(allowed, "allowed_mask", False, n_prompts, vocab, n, device)
+    steps = check_mask(step_masks, "step_masks", True, n_prompts, vocab, n, device)
 
     def at(step: int) -> Tensor | None:
         current = None if steps is None or step >= steps.shape[-2] else steps[..., step, :]
@@ -277,51 +287,3 @@ def _per_row_masks(allowed: Tensor | None, step_masks: Tensor | None, n_prompts:
             return allowed
         return current if allowed is None else current & allowed
     return at
-
-
-def _check_mask(mask: Tensor | None, name: str, shared: tuple | None, n_prompts: int, n: int,
-                device) -> Tensor | None:
-    if mask is None:
-        return None
-    shared_dims = 1 if shared is not None else 2
-    if mask.dtype != torch.bool or mask.dim() not in (shared_dims, shared_dims + 1) or \
-            (mask.dim() == shared_dims + 1 and mask.shape[0] != n_prompts):
-        raise ValueError(f"{name} must be bool, shared {'(V,)' if shared else '(S, V)'} or one "
-                         f"per prompt; got shape {tuple(mask.shape)} dtype {mask.dtype} for "
-                         f"{n_prompts} prompts")
-    if not mask.any(dim=-1).all():
-        raise ValueError(f"{name} allows no token at all for some row or step")
-    if mask.dim() == shared_dims + 1:
-        mask = mask.repeat_interleave(n, dim=0)  # one per output row
-    return mask.to(device)
-
-
-def _id_lists(prompts: Prompts, vocab: int) -> list[list[int]]:
-    """Validate prompts and return them as plain lists of ints."""
-    if isinstance(prompts, Tensor):
-        if prompts.dim() != 2 or prompts.dtype != torch.long:
-            raise ValueError(f"prompt tensor must be (B, T) int64, got shape "
-                             f"{tuple(prompts.shape)} dtype {prompts.dtype}")
-        rows = prompts.tolist()
-    else:
-        rows = [[int(i) for i in p] for p in prompts]
-    if not rows:
-        raise ValueError("prompts is empty; pass at least one prompt")
-    for r, p in enumerate(rows):
-        if not p:
-            raise ValueError(f"prompt {r} is empty; prompts need at least one token (e.g. bos)")
-        bad = [i for i in p if not 0 <= i < vocab]
-        if bad:
-            raise ValueError(f"prompt {r} has ids {bad[:5]} outside the vocabulary [0, {vocab})")
-    return rows
-
-
-def _check_ids_in_vocab(config: DecodingConfig, vocab: int) -> None:
-    fields = {"stop_token_ids": config.stop_token_ids, "banned_token_ids": config.banned_token_ids,
-              "allowed_token_ids": config.allowed_token_ids or (),
-              "stop_sequences": tuple(i for seq in config.stop_sequences for i in seq)}
-    for name, ids in fields.items():
-        bad = [i for i in ids if i >= vocab]
-        if bad:
-            raise ValueError(f"{name} has ids {bad[:5]} outside the model's vocabulary "
-                             f"[0, {vocab})")
