@@ -15,6 +15,7 @@ from numbers import Integral, Real
 __all__ = ["DecodingConfig", "STRATEGIES"]
 
 STRATEGIES = ("greedy", "sample", "beam")
+SPECULATIVE = ("draft", "prompt_lookup")
 BEAM_LENGTHS = ("generated", "hf")
 
 
@@ -73,6 +74,18 @@ class DecodingConfig:
         cfg_scale: classifier-free guidance scale; 1 is off (requires unconditional prompts).
         use_cache: decode with the KV cache (prefill once, then one token per step); without it
             the whole sequence is re-run each step, the slow reference path.
+        compile: run each single-token decode step as a torch.compile'd graph over the static
+            cache (compiled once per batch shape and cache length, never per step).
+        speculative: None (plain decoding), "draft" (a smaller draft model sharing the
+            TokenSpace proposes tokens; pass it as generate(..., draft=)) or "prompt_lookup"
+            (proposals copied from an earlier occurrence of the last n-gram; no draft model).
+            The output distribution is exactly the target model's.
+        num_draft_tokens: tokens proposed per speculative step (gamma, >= 1); with
+            adaptive_draft it is the starting value.
+        adaptive_draft: grow gamma by one after a step where every proposal was accepted, and
+            shrink it by one after a step where none was (within [1, 2 * num_draft_tokens]).
+        prompt_lookup_max_ngram: longest n-gram prompt lookup matches (>= 1); shorter ones
+            are tried when it does not occur earlier.
     """
 
     strategy: str = "sample"
@@ -101,6 +114,11 @@ class DecodingConfig:
     top_logprobs: int = 0
     cfg_scale: float = 1.0
     use_cache: bool = True
+    compile: bool = False
+    speculative: str | None = None
+    num_draft_tokens: int = 4
+    adaptive_draft: bool = True
+    prompt_lookup_max_ngram: int = 3
 
     def __post_init__(self) -> None:
         # Hydra hands over ListConfig / list; tuples keep the frozen config hashable.
@@ -156,9 +174,29 @@ class DecodingConfig:
         _check_int("top_logprobs", self.top_logprobs, 0)
         if not (_is_real(self.cfg_scale) and math.isfinite(self.cfg_scale)):
             _fail("cfg_scale", self.cfg_scale, "a finite number (1 is off)")
-        if not isinstance(self.use_cache, bool):
-            _fail("use_cache", self.use_cache, "a bool")
+        for name in ("use_cache", "compile", "adaptive_draft"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "a bool")
+        if self.compile and not self.use_cache:
+            _fail("compile", self.compile, "false when use_cache=false (the compiled step "
+                  "decodes over the KV cache)")
+        self._check_speculative_options()
         self._check_beam_options()
+
+    def _check_speculative_options(self) -> None:
+        _check_int("num_draft_tokens", self.num_draft_tokens, 1)
+        _check_int("prompt_lookup_max_ngram", self.prompt_lookup_max_ngram, 1)
+        if self.speculative is None:
+            return
+        if self.speculative not in SPECULATIVE:
+            _fail("speculative", self.speculative, f"None or one of {SPECULATIVE}")
+        mode = f"with speculative={self.speculative!r}"
+        if self.strategy == "beam":
+            _fail("strategy", self.strategy, f"greedy or sample {mode}")
+        if self.cfg_scale != 1.0:
+            _fail("cfg_scale", self.cfg_scale, f"1 (no guidance) {mode}")
+        if not self.use_cache:
+            _fail("use_cache", self.use_cache, f"true {mode}")
 
     def _check_beam_options(self) -> None:
         if self.strategy != "beam":

@@ -29,6 +29,7 @@ from armodal.generation.checks import (
 from armodal.generation.config import DecodingConfig
 from armodal.generation.processors import process_logits
 from armodal.generation.sampling import RowSampler, guided_logits
+from armodal.generation.speculative_stats import SpeculativeStats
 from armodal.generation.stopping import StopChecker
 
 __all__ = ["GenerationOutput", "TokenEvent", "generate", "stream", "fit_to_context"]
@@ -48,6 +49,7 @@ class GenerationOutput:
         top_logprobs: with config.top_logprobs = n, per token the n most likely (id, logprob).
         scores: beam search only: each returned hypothesis' length-penalised score.
         texts: when a `decode` function is given: each row's text, cut before a stop string.
+        speculative: with config.speculative set, the call's acceptance figures.
     """
 
     sequences: list[list[int]]
@@ -57,6 +59,7 @@ class GenerationOutput:
     top_logprobs: list[list[list[tuple[int, float]]]] | None = None
     scores: list[float] | None = None
     texts: list[str] | None = None
+    speculative: SpeculativeStats | None = None
 
 
 @dataclass
@@ -91,7 +94,8 @@ def generate(model: nn.Module, prompts: Prompts, config: DecodingConfig, *,
              allowed_mask: Tensor | None = None, step_masks: Tensor | None = None,
              uncond_prompts: Prompts | None = None, seeds: Sequence[int | None] | None = None,
              decode: Callable[[list[int]], str] | None = None,
-             on_token: Callable[[int, int], None] | None = None) -> GenerationOutput:
+             on_token: Callable[[int, int], None] | None = None,
+             draft: nn.Module | None = None) -> GenerationOutput:
     """Decode after each prompt; see `stream` for the arguments. Returns every row at once.
 
     on_token(row, token_id) is called as each token is produced (a streaming hook).
@@ -106,7 +110,7 @@ def generate(model: nn.Module, prompts: Prompts, config: DecodingConfig, *,
                            allowed_mask=allowed_mask).to_generation_output()
     # Streamed text is not wanted here: texts are decoded once, at the end.
     events = _run(model, prompts, config, allowed_mask, step_masks, uncond_prompts, seeds,
-                  decode, stream_text=False)
+                  decode, stream_text=False, draft=draft)
     while True:
         try:
             event = next(events)
@@ -120,7 +124,7 @@ def stream(model: nn.Module, prompts: Prompts, config: DecodingConfig, *,
            allowed_mask: Tensor | None = None, step_masks: Tensor | None = None,
            uncond_prompts: Prompts | None = None, seeds: Sequence[int | None] | None = None,
            decode: Callable[[list[int]], str] | None = None,
-           ) -> Generator[TokenEvent, None, GenerationOutput]:
+           draft: nn.Module | None = None) -> Generator[TokenEvent, None, GenerationOutput]:
     """Yield a TokenEvent per produced token; the generator's return value is the output.
 
     Args:
@@ -135,13 +139,15 @@ def stream(model: nn.Module, prompts: Prompts, config: DecodingConfig, *,
         seeds: one per prompt, overriding config.seed: a request's samples depend only on its
             own seed, never on the rest of the batch.
         decode: new-token ids -> text; needed for stop strings, fills TokenEvent.text.
+        draft: the draft model for config.speculative="draft": a Transformer over the same
+            token ids (the same TokenSpace), typically ~10x smaller.
     """
     return (yield from _run(model, prompts, config, allowed_mask, step_masks, uncond_prompts,
-                            seeds, decode, stream_text=True))
+                            seeds, decode, stream_text=True, draft=draft))
 
 
 def _run(model, prompts, config, allowed_mask, step_masks, uncond_prompts, seeds, decode,
-         stream_text: bool) -> Generator[TokenEvent, None, GenerationOutput]:
+         stream_text: bool, draft=None) -> Generator[TokenEvent, None, GenerationOutput]:
     """stream()'s body; with stream_text=False events carry no text (no per-token decoding)."""
     vocab = model.config.vocab_size
     check_single_stream(model)
