@@ -103,6 +103,35 @@ class KVCache:
         self.v = self.v.index_select(1, rows)
         self.slot_pos = self.slot_pos.index_select(0, rows)
 
+    def discard_from(self, positions: Tensor) -> None:
+        """Forget every slot of row b holding position >= positions[b] (B,): speculative
+        decoding's rollback of rejected drafts. Rows may keep different numbers of slots; the
+        forgotten ones become holes (position -1, never attended), and `pos` moves back to
+        just after the last slot any row still uses. Static caches only."""
+        if self.rolling:
+            raise ValueError("discard_from needs a static cache, not a rolling one")
+        self.slot_pos.masked_fill_(self.slot_pos >= positions[:, None], -1)
+        used = self.slot_pos >= 0  # (B, S)
+        slot_ends = torch.arange(1, self.max_len + 1, device=used.device)  # (S,)
+        self.pos = int((used * slot_ends).amax())
+        self.padded = bool((~used[:, :self.pos]).any())
+
+    def compact(self) -> None:
+        """Move each row's used slots to the front, in order, so holes left by rejected drafts
+        (and left padding) stop taking room: slot s of row b becomes its n-th used slot."""
+        if self.rolling:
+            raise ValueError("compact needs a static cache, not a rolling one")
+        used = self.slot_pos >= 0  # (B, S)
+        slots = torch.arange(self.max_len, device=used.device)
+        order = torch.where(used, slots, slots + self.max_len).argsort(dim=1)  # used first
+        index = order[None, :, None, :, None].expand_as(self.k)  # (L, B, G, S, D)
+        self.k = self.k.gather(3, index)
+        self.v = self.v.gather(3, index)
+        self.slot_pos = self.slot_pos.gather(1, order)
+        counts = used.sum(1)  # (B,)
+        self.pos = int(counts.max())
+        self.padded = bool((counts < self.pos).any())
+
     def slots(self, t: int) -> Tensor:
         """Slot indices (T,) that the next t steps are written to (only the last max_len
         of them survive in a ring)."""

@@ -173,7 +173,17 @@ def _run(model, prompts, config, allowed_mask, step_masks, uncond_prompts, seeds
         raise ValueError(f"seeds has {len(seeds)} entries; expected one per prompt ({n_prompts})")
     device = next(model.parameters()).device
     masks = _per_row_masks(allowed_mask, step_masks, n_prompts, n, vocab, device)
-    cache, prompt_len = _plan_cache(model, feed, config)
+    models = [model]
+    if config.speculative is not None or draft is not None:
+        from armodal.generation.speculative import check_draft, speculative_decode
+
+        check_draft(model, draft, config)
+        if step_masks is not None:
+            raise ValueError("step_masks (segment layouts) are not supported with speculative "
+                             "decoding; set speculative=None")
+        models += [draft] if draft is not None else []
+    else:
+        cache, prompt_len = _plan_cache(model, feed, config)
     sampler = None if config.is_greedy else RowSampler(
         [seeds[i // n] if seeds is not None else config.seed for i in range(len(rows))],
         [i % n for i in range(len(rows))], device)
@@ -181,15 +191,22 @@ def _run(model, prompts, config, allowed_mask, step_masks, uncond_prompts, seeds
     out = GenerationOutput([[] for _ in rows], rows, [[] for _ in rows],
                            ["length"] * len(rows),
                            [[] for _ in rows] if config.top_logprobs else None)
+    stream_text = stream_text and decode is not None
 
-    was_training = model.training
-    model.eval()
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
     try:
         with torch.inference_mode():
-            yield from _decode(model, feed, len(rows), prompt_len, config, cache, masks,
-                               sampler, stops, out, device, stream_text and decode is not None)
+            if config.speculative is not None:
+                yield from speculative_decode(model, draft, rows, config, masks(0), sampler,
+                                              stops, out, device, stream_text)
+            else:
+                yield from _decode(model, feed, len(rows), prompt_len, config, cache, masks,
+                                   sampler, stops, out, device, stream_text)
     finally:
-        model.train(was_training)
+        for m, mode in zip(models, modes):
+            m.train(mode)
     if decode is not None:
         out.texts = [stops.text(r) for r in range(len(rows))]
     return out
@@ -198,13 +215,25 @@ def _run(model, prompts, config, allowed_mask, step_masks, uncond_prompts, seeds
 def _decode(model, feed, n_rows, prompt_len, config, cache, masks, sampler, stops, out, device,
             stream_text: bool) -> Iterator[TokenEvent]:
     """The step loop over one left-padded batch of `feed` rows (the first n_rows are outputs;
-    the rest are their unconditional twins under guidance)."""
+    the rest are their unconditional twins under guidance).
+
+    With config.compile the prefill still runs eagerly (its length varies per request), and
+    every single-token step after it goes through the compiled step, always with explicit
+    positions (its graph has one shape for padded and unpadded batches alike)."""
+    compiled = None
+    if config.compile and cache is not None:
+        # Imported here: torch.compile machinery is only touched when it is asked for.
+        from armodal.generation.compiled import compiled_step
+
+        compiled = compiled_step(model)
     idx, positions = _left_pad(feed, device)  # (B, T), (B, T) or None
     history = torch.where(positions >= 0, idx, -1) if positions is not None else idx.clone()
     next_pos = torch.tensor([len(p) for p in feed], device=device)  # (B,)
     step_input, done = idx, [False] * n_rows
     for step in range(config.max_new_tokens):
-        if cache is not None:
+        if compiled is not None and step > 0:
+            logits = compiled(step_input, cache, positions)[:, -1]  # (B, V)
+        elif cache is not None:
             logits = model(step_input, cache, positions=positions)[:, -1]  # (B, V)
         else:
             full_pos = None if positions is None else _positions_from(history)
@@ -243,13 +272,18 @@ def _decode(model, feed, n_rows, prompt_len, config, cache, masks, sampler, stop
         fed = tokens.repeat(len(feed) // n_rows)[:, None]  # (B, 1): twins get the same token
         history = torch.cat([history, fed], 1)
         step_input = fed
-        if positions is not None:
+        if positions is not None or compiled is not None:
             positions = next_pos[:, None].clone()
         next_pos += 1
 
 
 def _plan_cache(model: nn.Module, feed: list[list[int]], config: DecodingConfig):
-    """The cache for this request (None without use_cache) and the padded prompt length."""
+    """The cache for this request (None without use_cache) and the padded prompt length.
+
+    config.compile needs a static cache, whose length its graph is specialised to: the length
+    is rounded up to a bucket (compiled.cache_len) so requests of similar lengths share one
+    graph, and a request only a rolling cache could hold is refused rather than run eagerly
+    behind the caller's back."""
     c = model.config
     longest = max(len(p) for p in feed)
     total = longest + config.max_new_tokens
@@ -259,8 +293,18 @@ def _plan_cache(model: nn.Module, feed: list[list[int]], config: DecodingConfig)
                          f"sliding-window model with use_cache decodes past it")
     if not config.use_cache:
         return None, longest
+    if total > c.max_seq_len and config.compile:
+        raise ValueError(f"compile=True decodes over a static cache of at most max_seq_len="
+                         f"{c.max_seq_len} positions; prompt of {longest} tokens + "
+                         f"max_new_tokens={config.max_new_tokens} needs the sliding-window "
+                         f"rolling cache, which runs eagerly: set compile=false, or ask for "
+                         f"at most {c.max_seq_len - longest} new tokens")
     if total > c.max_seq_len:
         return model.new_cache(len(feed), rolling=True), longest
+    if config.compile:
+        from armodal.generation.compiled import cache_len
+
+        return model.new_cache(len(feed), cache_len(total, c.max_seq_len)), longest
     return model.new_cache(len(feed), total), longest
 
 
