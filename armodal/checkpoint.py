@@ -1,5 +1,8 @@
 """Exported model directories: safetensors weights + JSON metadata, no pickle.
 
+A quantized model (armodal.quantize) is saved as its quantized tensors plus a `quantization`
+entry in config.json, and loads back as the same quantized model.
+
 A run directory is finished when it holds both `model.safetensors` and `config.json`; both are
 written under temporary names and renamed into place, config last, so a process killed midway
 never leaves a directory that loads as finished.
@@ -17,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from armodal.model import ModelConfig, Transformer
+from armodal.quantize import check_mode, quantize_model
 from armodal.tokenizers.base import Tokenizer, tokenizer_from_config
 from armodal.tokenizers.space import TokenSpace
 
@@ -44,7 +48,8 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 def save_run(run_dir: str | Path, model: Transformer, space: TokenSpace, tokenizer: Tokenizer,
              extra: dict | None = None) -> Path:
-    """Write model.safetensors + config.json (model config, TokenSpace, tokenizer state)."""
+    """Write model.safetensors + config.json (model config, TokenSpace, tokenizer state, and
+    the quantization mode of a quantized model)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / CONFIG).unlink(missing_ok=True)  # unfinished until the new config lands
@@ -59,12 +64,22 @@ def save_run(run_dir: str | Path, model: Transformer, space: TokenSpace, tokeniz
         "tokenizer": tokenizer.config(),
         **(extra or {}),
     }
+    quantization = getattr(model, "quantization", None)
+    if quantization is not None:
+        config["quantization"] = quantization
     _atomic_write_text(run_dir / CONFIG, json.dumps(config, indent=2))
     return run_dir
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
-    """Rebuild model, TokenSpace and tokenizer from a run directory written by save_run."""
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu",
+             quantize: str | None = None) -> LoadedRun:
+    """Rebuild model, TokenSpace and tokenizer from a run directory written by save_run.
+
+    quantize: one of armodal.quantize.QUANT_MODES to quantize a full-precision run on load
+    (default settings); a run saved quantized loads as saved, and naming another mode is an
+    error."""
+    if quantize is not None:
+        check_mode(quantize)
     run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {str(run_dir)!r} does not exist; pass "
@@ -86,6 +101,13 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
     space = TokenSpace.from_dict(meta["space"])
     tokenizer = tokenizer_from_config(meta["tokenizer"])
     model = Transformer(ModelConfig(**meta["model"]))
+    saved = meta.get("quantization")
+    if saved is not None:
+        if quantize is not None and quantize != saved["mode"]:
+            raise ValueError(f"{run_dir} holds a {saved['mode']} model; it cannot be loaded as "
+                             f"quantize={quantize!r} (quantize the full-precision run instead)")
+        # The file holds quantized tensors: build the same quantized modules, then fill them.
+        model = quantize_model(model.to(device), **saved)
     try:
         missing, unexpected = load_model(model, str(weights), strict=False)
     except (SafetensorError, OSError, RuntimeError) as err:
@@ -94,4 +116,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
     if missing or unexpected:
         raise ValueError(f"{weights} does not match {CONFIG}: missing {sorted(missing)}, "
                          f"unexpected {sorted(unexpected)}")
+    if quantize is not None and saved is None:
+        model = quantize_model(model.to(device), quantize)
+        meta = {**meta, "quantization": model.quantization}
     return LoadedRun(model.to(device).eval(), space, tokenizer, meta, run_dir)

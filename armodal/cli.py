@@ -3,7 +3,8 @@
     armodal train [recipe] key=value ...          recipe: a name in recipes/ or a .yaml path
     armodal generate run=<dir> prompt="..." decoding=<preset> decoding.temperature=0.7
     armodal generate run=<dir> prompt_file=prompts.txt format=jsonl   (prompt_file=- : stdin)
-    armodal eval run=<dir> [data=<file|folder|glob>]
+    armodal eval run=<dir> [data=<file|folder|glob>] [quantize=int8|int4|bf16]
+    armodal generate run=<dir> prompt="..." decoding=speculative draft_run=<smaller run dir>
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ def run_train(args: list[str]) -> None:
 
 
 def run_generate(args: list[str]) -> None:
+    import dataclasses
+
     from hydra.utils import instantiate
 
     from armodal.checkpoint import load_run
@@ -99,14 +102,18 @@ def run_generate(args: list[str]) -> None:
         raise UsageError(f"format={cfg.format!r}; use text or jsonl")
     prompts = read_prompts(raw[-1] if raw else cfg.prompt, cfg.prompt_file)
     decoding = instantiate(cfg.decoding)
-    run = load_run(cfg.run, cfg.device)
+    if cfg.draft_run is not None and decoding.speculative is None:
+        decoding = dataclasses.replace(decoding, speculative="draft")  # draft_run implies it
+    run = load_run(cfg.run, cfg.device, quantize=cfg.quantize)
+    draft = None if cfg.draft_run is None else load_run(cfg.draft_run, cfg.device,
+                                                        quantize=cfg.quantize)
     if cfg.format == "text" and len(prompts) == 1 and decoding.num_return_sequences == 1 \
             and decoding.strategy != "beam":
-        for piece in stream_text(run, prompts[0], decoding):  # print as tokens arrive
+        for piece in stream_text(run, prompts[0], decoding, draft):  # print as tokens arrive
             print(piece, end="", flush=True)
         print()
         return
-    write_records(generate_text(run, prompts, decoding), cfg.format)
+    write_records(generate_text(run, prompts, decoding, draft), cfg.format)
 
 
 def run_eval(args: list[str]) -> None:
@@ -114,7 +121,7 @@ def run_eval(args: list[str]) -> None:
 
     cfg = compose_config(CONF_DIR, "eval", args)
     result = evaluate(cfg.run, data=cfg.data, pattern=cfg.pattern, batch_size=cfg.batch_size,
-                      max_batches=cfg.max_batches, device=cfg.device)
+                      max_batches=cfg.max_batches, device=cfg.device, quantize=cfg.quantize)
     print(f"{result.data}: {result.tokens} tokens, loss {result.nll:.4f} nats/token, "
           f"perplexity {result.ppl:.3f}, {result.bits_per_unit:.4f} bits/{result.unit}")
     print(json.dumps(result.as_dict()))

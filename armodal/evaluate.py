@@ -29,9 +29,13 @@ class EvalResult:
 
 
 def evaluate(run_dir: str, data: str | None = None, pattern: str = "**/*", batch_size: int = 16,
-             max_batches: int | None = None, device: str = "cpu") -> EvalResult:
-    """Score a run on its own val split (data=None) or on a file / folder / glob of text."""
-    run = load_run(run_dir, device)
+             max_batches: int | None = None, device: str = "cpu",
+             quantize: str | None = None) -> EvalResult:
+    """Score a run on its own val split (data=None) or on a file / folder / glob of text.
+
+    quantize: score the run's model quantized on load (armodal.quantize.QUANT_MODES), to
+    measure what quantization costs against the same call without it."""
+    run = load_run(run_dir, device, quantize=quantize)
     if data is None:
         tokens, units_per_token, label = _val_split(run)
     else:

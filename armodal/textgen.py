@@ -64,12 +64,36 @@ def decoding_for(model: torch.nn.Module, space: TokenSpace, requested: DecodingC
     return decoding
 
 
-def generate_text(run: LoadedRun, prompts: list[str], requested: DecodingConfig) -> list[dict]:
+def check_draft_run(run: LoadedRun, draft: LoadedRun | None) -> None:
+    """A draft run must turn text into the very same token ids as the target run."""
+    if draft is None:
+        return
+    if draft.space.to_dict() != run.space.to_dict() or \
+            draft.tokenizer.config() != run.tokenizer.config():
+        raise ValueError(f"draft run {draft.path} does not share the TokenSpace and tokenizer "
+                         f"of {run.path}; a draft must be trained on the same token ids")
+
+
+def report_speculative(out, file: TextIO | None = None) -> None:
+    """One line on stderr with the call's acceptance figures (speculative decoding only)."""
+    stats = out.speculative
+    if stats is None:
+        return
+    print(f"speculative: accepted {stats.accepted}/{stats.drafted} drafted tokens "
+          f"({stats.acceptance_rate:.1%}), {stats.tokens_per_step:.2f} tokens per target "
+          f"forward, {stats.tokens_per_second:.1f} tokens/s", file=file or sys.stderr)
+
+
+def generate_text(run: LoadedRun, prompts: list[str], requested: DecodingConfig,
+                  draft: LoadedRun | None = None) -> list[dict]:
     """One record per output row: prompt, text, tokens, logprobs, finish reason (+ extras)."""
+    check_draft_run(run, draft)
     ids = [encode_prompt(run.tokenizer, run.space, p) for p in prompts]
     decoding = decoding_for(run.model, run.space, requested, max(len(i) for i in ids))
     decode = _decoder(run)
-    out = generate(run.model, ids, decoding, decode=decode)
+    out = generate(run.model, ids, decoding, decode=decode,
+                   draft=draft.model if draft is not None else None)
+    report_speculative(out)
     n = decoding.num_return_sequences
     records = []
     for row, tokens in enumerate(out.sequences):
@@ -84,13 +108,21 @@ def generate_text(run: LoadedRun, prompts: list[str], requested: DecodingConfig)
     return records
 
 
-def stream_text(run: LoadedRun, prompt: str, requested: DecodingConfig) -> Iterable[str]:
+def stream_text(run: LoadedRun, prompt: str, requested: DecodingConfig,
+                draft: LoadedRun | None = None) -> Iterable[str]:
     """The prompt, then pieces of generated text as they are produced (one row)."""
+    check_draft_run(run, draft)
     ids = encode_prompt(run.tokenizer, run.space, prompt)
     decoding = decoding_for(run.model, run.space, requested, len(ids))
     yield prompt
-    for event in stream(run.model, [ids], decoding, decode=_decoder(run)):
-        yield event.text
+    events = stream(run.model, [ids], decoding, decode=_decoder(run),
+                    draft=draft.model if draft is not None else None)
+    while True:
+        try:
+            yield next(events).text
+        except StopIteration as done:  # the generator's return value: the whole output
+            report_speculative(done.value)
+            return
 
 
 def write_records(records: list[dict], fmt: str, out: TextIO | None = None) -> None:

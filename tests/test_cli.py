@@ -143,3 +143,50 @@ def test_generate_prompt_file_to_jsonl(char_run, tmp_path, capsys, monkeypatch):
                             "format=jsonl", "decoding=greedy", "decoding.max_new_tokens=6"],
                            capsys)
     assert code == 0 and json.loads(out)["tokens"] == records[0]["tokens"]
+
+
+def test_generate_speculative_with_a_draft_run_and_prompt_lookup(char_run, capsys):
+    """decoding=speculative with draft_run, and decoding=prompt_lookup, print greedy's text and
+    one line of acceptance figures on stderr."""
+    base = ["generate", f"run={char_run.run_dir}", "prompt=def f(x):\n    return ",
+            "decoding.max_new_tokens=24"]
+    code, greedy_text, _ = run_cli([*base, "decoding=greedy"], capsys)
+    assert code == 0
+    code, out, err = run_cli([*base, "decoding=speculative", f"draft_run={char_run.run_dir}"],
+                             capsys)
+    assert code == 0, err
+    assert out == greedy_text
+    assert "speculative: accepted" in err and "(100.0%)" in err  # the draft is the target
+    code, out, err = run_cli([*base, "decoding=prompt_lookup", "format=jsonl"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["prompt"] + json.loads(out)["text"] == greedy_text[:-1]
+    assert "speculative: accepted" in err
+
+
+def test_draft_run_must_share_the_tokens(char_run, capsys):
+    import dataclasses
+
+    from armodal.checkpoint import load_run
+    from armodal.textgen import check_draft_run
+    from armodal.tokenizers.text import ByteTokenizer
+
+    run = load_run(char_run.run_dir)
+    check_draft_run(run, run)
+    with pytest.raises(ValueError, match="does not share the TokenSpace and tokenizer"):
+        check_draft_run(run, dataclasses.replace(run, tokenizer=ByteTokenizer()))
+
+
+def test_eval_and_generate_quantized(char_run, capsys):
+    code, out, _ = run_cli(["eval", f"run={char_run.run_dir}"], capsys)
+    full = json.loads(out.splitlines()[-1])
+    code, out, err = run_cli(["eval", f"run={char_run.run_dir}", "quantize=int8"], capsys)
+    assert code == 0, err
+    quantized = json.loads(out.splitlines()[-1])
+    assert quantized["nll"] != full["nll"]
+    assert quantized["nll"] == pytest.approx(full["nll"], rel=0.01)
+    code, out, err = run_cli(["generate", f"run={char_run.run_dir}", "prompt=def ",
+                              "decoding=greedy", "decoding.max_new_tokens=8", "quantize=bf16"],
+                             capsys)
+    assert code == 0 and out.startswith("def "), err
+    code, _, err = run_cli(["eval", f"run={char_run.run_dir}", "quantize=fp8"], capsys)
+    assert code == 2 and "fp8" in err and "int8" in err
