@@ -252,3 +252,13 @@ def test_every_token_budget_and_gamma_combination_stays_exact(target):
                                                 num_draft_tokens=gamma, adaptive_draft=adaptive),
                         draft=draft)
         assert spec.sequences == generate(target, PROMPTS, config).sequences
+
+
+def test_compiled_draft_steps_give_the_same_tokens(target):
+    """With compile=True the single-token draft steps run the compiled decode step."""
+    draft = perturbed(target, 0.3)
+    plain = generate(target, PROMPTS, greedy(max_new_tokens=12))
+    spec = generate(target, PROMPTS, greedy(max_new_tokens=12, speculative="draft",
+                                            compile=True), draft=draft)
+    assert spec.sequences == plain.sequences
+    assert 0 < spec.speculative.accepted < spec.speculative.drafted

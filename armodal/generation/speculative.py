@@ -89,11 +89,18 @@ class _Rows:
 class _CachedModel:
     """A model plus its cache and, per row, how many committed tokens the cache holds."""
 
-    def __init__(self, model: nn.Module, rows: _Rows, capacity: int, device):
+    def __init__(self, model: nn.Module, rows: _Rows, capacity: int, device,
+                 compiled: bool = False):
         self.model = model
         self.cache = model.new_cache(len(rows.seqs), capacity)
         self.seen = [0] * len(rows.seqs)
         self.device = device
+        # Single-token forwards (the draft's steps) go through the compiled decode step.
+        self.step = None
+        if compiled:
+            from armodal.generation.compiled import compiled_step
+
+            self.step = compiled_step(model)
         # Prefill all but each prompt's last token: that one is fed with the first proposals.
         heads = [p[:-1] for p in rows.seqs]
         if max(len(h) for h in heads) > 0:
@@ -114,6 +121,10 @@ class _CachedModel:
             pos.append([-1] * pad + list(range(start, start + len(feed))))
         idx = torch.tensor(ids, dtype=torch.long, device=self.device)  # (B, W)
         positions = torch.tensor(pos, dtype=torch.long, device=self.device)  # (B, W)
+        if self.step is not None and width == 1:
+            logits = self.step(idx, self.cache, positions)
+            self.cache.padded |= bool((positions < 0).any())
+            return logits.float()
         if not self.cache.padded and (positions == self.cache.pos +
                                       torch.arange(width, device=self.device)).all():
             positions = None  # every row sits at the write pointer: the unmasked fast path
@@ -150,10 +161,14 @@ def speculative_decode(model: nn.Module, draft: nn.Module | None, prompts: list[
     if draft is not None and longest + config.max_new_tokens > draft.config.max_seq_len:
         raise ValueError(f"prompt + max_new_tokens = {longest + config.max_new_tokens} exceeds "
                          f"the draft model's max_seq_len={draft.config.max_seq_len}")
-    capacity = min(limit, longest + config.max_new_tokens + 2 * (max_gamma + 1))
-    target = _CachedModel(model, rows, capacity, device)
+    capacity = longest + config.max_new_tokens + 2 * (max_gamma + 1)
+    if config.compile:  # a compiled graph is specialised to its cache length: bucket it
+        from armodal.generation.compiled import cache_len
+
+        capacity = cache_len(capacity, limit)
+    target = _CachedModel(model, rows, min(limit, capacity), device, config.compile)
     drafter = None if draft is None else _CachedModel(
-        draft, rows, min(draft.config.max_seq_len, capacity), device)
+        draft, rows, min(draft.config.max_seq_len, capacity), device, config.compile)
     gamma = config.num_draft_tokens
 
     while True:
