@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 SHAKESPEARE ?= ../shared/data/tinyshakespeare/input.txt
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test test-slow bench bench-suite clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ test-slow: $(STAMP)  ## the long end-to-end tests (the full demo, README command
 
 bench: $(STAMP)  ## char-level shakespeare against wall-clock (needs the data file)
 	$(BIN)/python bench/text_shakespeare.py --data $(SHAKESPEARE)
+
+bench-suite: $(STAMP)  ## armodal vs transformers: training, decoding, speculative, quantized (~1 h first run)
+	$(BIN)/python bench/suite.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs

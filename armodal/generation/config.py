@@ -82,8 +82,10 @@ class DecodingConfig:
             The output distribution is exactly the target model's.
         num_draft_tokens: tokens proposed per speculative step (gamma, >= 1); with
             adaptive_draft it is the starting value.
-        adaptive_draft: grow gamma by one after a step where every proposal was accepted, and
-            shrink it by one after a step where none was (within [1, 2 * num_draft_tokens]).
+        adaptive_draft: grow gamma by two after a step where every proposal of every row was
+            accepted, else shrink it by one (within [1, 2 * num_draft_tokens]).
+        draft_confidence: a row stops drafting after a proposal the draft model gave a
+            probability below this ([0, 1]; 0 always drafts gamma tokens).
         prompt_lookup_max_ngram: longest n-gram prompt lookup matches (>= 1); shorter ones
             are tried when it does not occur earlier.
     """
@@ -118,6 +120,7 @@ class DecodingConfig:
     speculative: str | None = None
     num_draft_tokens: int = 4
     adaptive_draft: bool = True
+    draft_confidence: float = 0.0
     prompt_lookup_max_ngram: int = 3
 
     def __post_init__(self) -> None:
@@ -186,6 +189,8 @@ class DecodingConfig:
     def _check_speculative_options(self) -> None:
         _check_int("num_draft_tokens", self.num_draft_tokens, 1)
         _check_int("prompt_lookup_max_ngram", self.prompt_lookup_max_ngram, 1)
+        if not (_is_real(self.draft_confidence) and 0 <= self.draft_confidence <= 1):
+            _fail("draft_confidence", self.draft_confidence, "a number in [0, 1]")
         if self.speculative is None:
             return
         if self.speculative not in SPECULATIVE:

@@ -199,13 +199,11 @@ def speculative_decode(model: nn.Module, draft: nn.Module | None, prompts: list[
             target.seen[r] += len(feeds[r])  # provisional; rollback trims rejected drafts
         emitted = _verify(scored, proposals, q, rows, active, config, allowed, sampler)
         all_in = True
-        none_in = True
         for r in active:
             tokens, logps, tops, n_accepted = emitted[r]
             stats.drafted += len(proposals[r])
             stats.accepted += n_accepted
             all_in &= n_accepted == len(proposals[r])
-            none_in &= n_accepted == 0
             for token, logp, top in zip(tokens, logps, tops):
                 rows.seqs[r].append(token)
                 stats.new_tokens += 1
@@ -228,10 +226,10 @@ def speculative_decode(model: nn.Module, draft: nn.Module | None, prompts: list[
         if drafter is not None:
             drafter.rollback(rows)
         if config.adaptive_draft and width == gamma:
-            if all_in:
-                gamma = min(gamma + 1, max_gamma)
-            elif none_in:
-                gamma = max(gamma - 1, 1)
+            # Hugging Face's schedule: +2 after a step where every proposal was accepted,
+            # -1 otherwise. In a batch "every" means every row, so big batches draft less:
+            # there the verify pass is no longer free (it multiplies the rows computed).
+            gamma = min(gamma + 2, max_gamma) if all_in else max(gamma - 1, 1)
     stats.seconds = time.perf_counter() - started
     out.speculative = stats
 
@@ -268,34 +266,43 @@ def _process(logits: Tensor, config: DecodingConfig, allowed: Tensor | None,
 
 def _draft(drafter: _CachedModel, rows: _Rows, active: list[int], gamma: int,
            config: DecodingConfig, allowed: Tensor | None, sampler: RowSampler | None):
-    """Run the draft model gamma steps for the active rows: proposals {row: ids} and the
-    draft's processed distributions q (B, gamma, V) they were drawn from (None if greedy)."""
+    """Run the draft model up to gamma steps for the active rows: proposals {row: ids} and
+    the draft's processed distributions q (B, gamma, V) they were drawn from (None if greedy).
+
+    A row stops drafting after a proposal the draft itself gave less than
+    config.draft_confidence: it would likely be rejected, and each proposal costs a draft
+    step and a verified position. Where drafting stops depends on the draft alone, so the
+    output distribution stays exact."""
     n_rows = len(rows.seqs)
     feeds = [drafter.pending(rows, r) if r in active else None for r in range(n_rows)]
-    starts = list(drafter.seen)
+    drafting = list(active)
     proposals = {r: [] for r in active}
     qs = []
     for j in range(gamma):
-        logits = drafter.forward(feeds, starts)[:, -1]  # (B, V)
-        for r in active:
+        logits = drafter.forward(feeds, list(drafter.seen))[:, -1]  # (B, V)
+        for r in drafting:
             drafter.seen[r] += len(feeds[r])  # provisional; rollback trims rejected drafts
-        lp = _process(logits[active], config, allowed, active,
-                      [rows.seqs[r] + proposals[r] for r in active],
-                      [rows.generated(r) + j for r in active],
-                      [rows.prompt_lens[r] for r in active])  # (A, V)
+        lp = _process(logits[drafting], config, allowed, drafting,
+                      [rows.seqs[r] + proposals[r] for r in drafting],
+                      [rows.generated(r) + j for r in drafting],
+                      [rows.prompt_lens[r] for r in drafting])  # (A, V)
+        probs = lp.softmax(-1)  # (A, V)
         if sampler is None:
-            chosen = lp.argmax(-1)
+            chosen = probs.argmax(-1)
         else:
-            probs = lp.softmax(-1)
             full = probs.new_zeros(n_rows, probs.shape[-1])
-            full[active] = probs
+            full[drafting] = probs
             qs.append(full)
-            chosen = sampler.sample(_safe_rows(full))[active]
-        for r, token in zip(active, chosen.tolist()):
+            chosen = sampler.sample(_safe_rows(full))[drafting]
+        confidence = probs.gather(-1, chosen[:, None]).squeeze(-1)  # (A,)
+        confident = (confidence >= config.draft_confidence).tolist()
+        for r, token in zip(drafting, chosen.tolist()):
             proposals[r].append(token)
-        starts = [drafter.seen[r] for r in range(n_rows)]
-        feeds = [[proposals[r][-1]] if r in active else None for r in range(n_rows)]
-    q = torch.stack(qs, 1) if qs else None  # (B, gamma, V)
+        drafting = [r for r, keep in zip(drafting, confident) if keep]
+        if not drafting:
+            break
+        feeds = [[proposals[r][-1]] if r in drafting else None for r in range(n_rows)]
+    q = torch.stack(qs, 1) if qs else None  # (B, steps, V)
     return proposals, q
 
 
