@@ -273,3 +273,25 @@ def test_beam_lengths_agree_with_hf_5(hf_pair, hf_eos):
     assert hf_out == gen_out
     for seq, score, total in zip(gen_out.sequences, gen_out.scores, gen_out.sum_logprobs):
         assert score == pytest.approx(total / len(seq) ** 2.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("kw", [{}, {"stop_token_ids": (3,), "early_stopping": True},
+                                {"stop_token_ids": (2, 4), "repetition_penalty": 1.4,
+                                 "length_penalty": 0.5, "early_stopping": "never"}])
+def test_batched_prompts_equal_each_prompt_alone(kw):
+    """Ragged prompts searched together (left-padded, searches ending at different steps)
+    give every prompt exactly its own search's hypotheses, scores and log-probs."""
+    model = tiny_model(vocab_size=12, max_seq_len=24).eval()
+    prompts = [[1, 5, 7, 9, 2], [4], [3, 3, 8], [6, 1, 0, 2, 11, 10]]
+    allowed = torch.ones(4, 12, dtype=torch.bool)
+    allowed[1, 7:] = False  # a per-prompt mask, to check it follows its prompt's rows
+    config = beam(num_beams=3, num_return_sequences=2, max_new_tokens=7, **kw)
+    together = beam_search(model, prompts, config, allowed_mask=allowed)
+    for p, prompt in enumerate(prompts):
+        alone = beam_search(model, [prompt], config, allowed_mask=allowed[p:p + 1])
+        rows = slice(2 * p, 2 * p + 2)
+        assert together.sequences[rows] == alone.sequences
+        assert together.finish_reasons[rows] == alone.finish_reasons
+        assert together.scores[rows] == pytest.approx(alone.scores, abs=1e-5)
+        for a, b in zip(together.logprobs[rows], alone.logprobs):
+            assert a == pytest.approx(b, abs=1e-5)

@@ -229,7 +229,9 @@ def test_top_logprobs_match_plain_decoding(target):
 def test_lookup_proposals():
     assert lookup_proposals([1, 2, 3, 4, 1, 2], 3, 2) == [3, 4]
     assert lookup_proposals([1, 2, 3, 4, 9, 2], 3, 5) == [3, 4, 9, 2]  # falls back to n = 1
-    assert lookup_proposals([7, 1, 2, 8, 1, 2], 2, 3) == [8, 1, 2]  # the latest match wins
+    assert lookup_proposals([7, 1, 2, 8, 1, 2], 2, 3) == [8, 1, 2]
+    assert lookup_proposals([5, 5, 5, 5, 5], 2, 3) == [5, 5, 5]  # earliest: the longest run
+    assert lookup_proposals([1, 2, 9, 1, 2, 8, 1, 2], 2, 1) == [9]  # earliest match wins
     assert lookup_proposals([1, 2, 3], 3, 4) == []
 
 

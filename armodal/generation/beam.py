@@ -1,8 +1,10 @@
 """Beam search with Hugging Face transformers' exact semantics (checked against 5.x).
 
-Each prompt is searched on its own: its `num_beams` beams are the rows of one batch that
-share one KV cache (the prompt is prefilled once with batch 1, then the cache is copied to
-num_beams rows, and reordered to the surviving beams' parents after every step).
+All prompts are searched in one batch of prompts x num_beams rows sharing one KV cache (the
+left-padded prompts are prefilled once, each prompt's row is copied to its num_beams rows, and
+rows are reordered to the surviving beams' parents after every step). Each prompt's search is
+exactly what it would be alone: per-row positions hide the padding, and a prompt whose search
+has ended keeps its hypotheses while the others go on.
 
 Per step, as in HF's `_beam_search`:
   1. log-probs = log_softmax(processed logits); candidates = beam score + log-prob over all
@@ -114,108 +116,134 @@ def beam_search(model: nn.Module, prompts: Sequence[Sequence[int]], config: Deco
     check_ids_in_vocab(config, vocab)
     allowed_mask = check_mask(allowed_mask, "allowed_mask", False, len(rows), vocab,
                               device=next(model.parameters()).device)
-    out = BeamOutput([], [], [], [], [], [])
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            for r, prompt in enumerate(rows):
-                mask = allowed_mask if allowed_mask is None or allowed_mask.dim() == 1 \
-                    else allowed_mask[r]
-                _search_one(model, prompt, config, mask, out)
+            return _search(model, rows, config, allowed_mask)
     finally:
         model.train(was_training)
-    return out
 
 
-def _search_one(model: nn.Module, prompt: list[int], config: DecodingConfig,
-                mask: Tensor | None, out: BeamOutput) -> None:
-    """Beam-search one prompt and append its n best hypotheses to `out`."""
+def _search(model: nn.Module, prompts: list[list[int]], config: DecodingConfig,
+            mask: Tensor | None) -> BeamOutput:
+    """Beam-search every prompt at once: P prompts x N beams are the R = P * N rows of one
+    batch (ragged prompts left-padded, with per-row positions), and each prompt's search
+    runs exactly as it would alone: once a prompt's search ends, its state is frozen while
+    the others go on. Axis legend: P prompts, N beams, K candidates, M max new tokens."""
     n, m, lp = config.num_beams, config.max_new_tokens, config.length_penalty
     device = next(model.parameters()).device
-    vocab = model.config.vocab_size
+    vocab, p_count = model.config.vocab_size, len(prompts)
     k = min(max(2, 1 + len(config.stop_token_ids)) * n, n * vocab)
     stop_ids = torch.tensor(config.stop_token_ids, dtype=torch.long, device=device)
     stop_seqs = [torch.tensor(s, device=device) for s in config.stop_sequences]
 
-    prompt_ids = torch.tensor([prompt], device=device)  # (1, P)
-    cache = model.new_cache(1, len(prompt) + m)
-    logits = model(prompt_ids, cache)[:, -1]  # (1, V)
-    # Every beam starts as the prompt: copy the one prefilled row instead of prefilling n.
-    cache.reorder(torch.zeros(n, dtype=torch.long, device=device))
-    logits = logits.expand(n, -1)  # (N, V)
+    width = max(len(p) for p in prompts)
+    prompt_ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+    prompt_pos = torch.tensor([[-1] * (width - len(p)) + list(range(len(p))) for p in prompts],
+                              device=device)  # (P, T), -1 on left pads
+    ragged = bool((prompt_pos < 0).any())
+    cache = model.new_cache(p_count, width + m)
+    logits = model(prompt_ids, cache, positions=prompt_pos if ragged else None)[:, -1]  # (P, V)
+    # Every beam starts as its prompt: copy each prefilled row instead of prefilling N times.
+    row_prompt = torch.arange(p_count, device=device).repeat_interleave(n)  # (R,)
+    cache.reorder(row_prompt)
+    logits = logits[row_prompt]  # (R, V)
+    if mask is not None and mask.dim() == 2:
+        mask = mask[row_prompt]  # (R, V)
+    history_prompt = torch.where(prompt_pos >= 0, prompt_ids, -1)[row_prompt]  # (R, T)
+    next_pos = torch.tensor([len(p) for p in prompts], device=device)[row_prompt]  # (R,)
 
-    tokens = torch.zeros(n, m, dtype=torch.long, device=device)  # (N, M) beams' new tokens
-    token_logp = torch.zeros(n, m, device=device)  # (N, M)
+    tokens = torch.zeros(p_count, n, m, dtype=torch.long, device=device)  # beams' new tokens
+    token_logp = torch.zeros(p_count, n, m, device=device)  # (P, N, M)
     # Only beam 0 is real at first; the rest would duplicate its candidates (HF: -1e9).
-    beam_sum = torch.full((n,), BLOCK, device=device)  # (N,)
-    beam_sum[0] = 0.0
-    # The finished-hypothesis pool: n slots sorted best first, empty ones scored BLOCK.
-    # Every entry is (N, ...); `reason` indexes REASONS.
-    pool = {"score": torch.full((n,), BLOCK, device=device), "sum": torch.zeros(n, device=device),
+    beam_sum = torch.full((p_count, n), BLOCK, device=device)  # (P, N)
+    beam_sum[:, 0] = 0.0
+    # The finished-hypothesis pools: n slots per prompt sorted best first, empty ones scored
+    # BLOCK. Every entry is (P, N, ...); `reason` indexes REASONS.
+    pool = {"score": torch.full((p_count, n), BLOCK, device=device),
+            "sum": torch.zeros(p_count, n, device=device),
             "tokens": tokens.clone(), "logp": token_logp.clone(),
-            "len": torch.zeros(n, dtype=torch.long, device=device),
-            "done": torch.zeros(n, dtype=torch.bool, device=device),
-            "reason": torch.zeros(n, dtype=torch.long, device=device)}
+            "len": torch.zeros(p_count, n, dtype=torch.long, device=device),
+            "done": torch.zeros(p_count, n, dtype=torch.bool, device=device),
+            "reason": torch.zeros(p_count, n, dtype=torch.long, device=device)}
     in_top_n = torch.arange(k, device=device) < n  # (K,) only these may finish
+    searching = torch.ones(p_count, dtype=torch.bool, device=device)  # (P,)
+    first_row = (torch.arange(p_count, device=device) * n)[:, None]  # (P, 1)
 
     for step in range(m):
         if step > 0:
-            logits = model(tokens[:, step - 1:step], cache)[:, -1]  # (N, V)
-        # The beams' own histories (prompt + their new tokens) for the penalties, (N, P+step).
-        history = torch.cat([prompt_ids.expand(n, -1), tokens[:, :step]], dim=1)
+            positions = (next_pos + step - 1)[:, None] if ragged else None
+            logits = model(tokens.view(-1, m)[:, step - 1:step], cache,
+                           positions=positions)[:, -1]  # (R, V)
+        # The beams' own histories (prompt + their new tokens) for the penalties, (R, T+step).
+        history = torch.cat([history_prompt, tokens.view(-1, m)[:, :step]], dim=1)
         logits = process_logits(logits.float(), config, step, mask, history=history,
-                                prompt_len=len(prompt))
+                                prompt_len=width)
         if torch.isneginf(logits).all(dim=-1).any():
             raise ValueError(f"no token is allowed at step {step}: allowed_mask, banned ids and "
                              f"min_new_tokens={config.min_new_tokens} remove the whole vocabulary")
-        logp = logits.log_softmax(dim=-1)  # (N, V)
-        cand_sum, flat = (beam_sum[:, None] + logp).view(-1).topk(k)  # (K,), (K,) best first
-        parent, token = flat // vocab, flat % vocab  # (K,), (K,)
-        cand_tokens, cand_logp = tokens[parent], token_logp[parent]  # (K, M)
-        cand_tokens[:, step], cand_logp[:, step] = token, logp[parent, token]
+        logp = logits.log_softmax(dim=-1).view(p_count, n * vocab)  # (P, N*V)
+        cand_sum, flat = (beam_sum.view(-1, 1) + logp.view(-1, vocab)).view(p_count, -1).topk(k)
+        parent, token = flat // vocab, flat % vocab  # (P, K), (P, K)
+        cand_tokens = tokens.gather(1, parent[..., None].expand(-1, -1, m)).clone()  # (P,K,M)
+        cand_logp = token_logp.gather(1, parent[..., None].expand(-1, -1, m)).clone()
+        cand_tokens[:, :, step], cand_logp[:, :, step] = token, logp.gather(1, flat)
 
         # Finish code per candidate: 0 open, 1 stop token, 2 stop sequence (token wins ties).
-        ended = torch.zeros(k, dtype=torch.bool, device=device)  # (K,)
+        ended = torch.zeros(p_count, k, dtype=torch.bool, device=device)  # (P, K)
         for seq in stop_seqs:
             if len(seq) <= step + 1:
-                ended |= (cand_tokens[:, step + 1 - len(seq):step + 1] == seq).all(dim=-1)
-        reason = torch.where(torch.isin(token, stop_ids), 1, 2 * ended.long())  # (K,)
-        hits = (reason > 0) | (step + 1 == m)  # (K,)
+                ended |= (cand_tokens[:, :, step + 1 - len(seq):step + 1] == seq).all(dim=-1)
+        reason = torch.where(torch.isin(token, stop_ids), 1, 2 * ended.long())  # (P, K)
+        hits = (reason > 0) | (step + 1 == m)  # (P, K)
 
         # Next beams: the n best candidates that did not hit (HF blocks hits by -1e9).
         open_sum = cand_sum + hits.float() * BLOCK
-        keep = open_sum.topk(n).indices  # (N,)
-        beam_sum, tokens, token_logp = open_sum[keep], cand_tokens[keep], cand_logp[keep]
+        keep = open_sum.topk(n, dim=1).indices  # (P, N)
+        beam_sum = open_sum.gather(1, keep)
+        tokens = cand_tokens.gather(1, keep[..., None].expand(-1, -1, m))
+        token_logp = cand_logp.gather(1, keep[..., None].expand(-1, -1, m))
 
-        # Pool update. HF also blocks additions to a full pool (early_stopping=True) and after
-        # its heuristic fired; searching one prompt at a time, both end the loop instead.
-        score = cand_sum / ((step + 1) ** lp)  # (K,) length = new tokens incl. the stop token
+        # Pool update, for prompts still searching. HF also blocks additions to a full pool
+        # (early_stopping=True) and after its heuristic fired; here both end that prompt's
+        # search instead.
+        score = cand_sum / ((step + 1) ** lp)  # (P, K) length = new tokens incl. the stop
         finished = hits & in_top_n
-        score += (~finished).float() * BLOCK
+        score = score + (~finished).float() * BLOCK
         cand = {"score": score, "sum": cand_sum, "tokens": cand_tokens, "logp": cand_logp,
-                "len": torch.full((k,), step + 1, device=device), "done": finished,
+                "len": torch.full((p_count, k), step + 1, device=device), "done": finished,
                 "reason": reason}
-        best = torch.cat([pool["score"], score]).topk(n).indices  # (N,) into [pool; cand]
-        pool = {key: torch.cat([pool[key], cand[key]])[best] for key in pool}
+        best = torch.cat([pool["score"], score], 1).topk(n, dim=1).indices  # (P, N)
+        for key, old in pool.items():
+            merged = torch.cat([old, cand[key]], 1)
+            index = best.view(p_count, n, *[1] * (merged.dim() - 2)).expand(
+                -1, -1, *merged.shape[2:])
+            new = merged.gather(1, index)
+            frozen = (~searching).view(p_count, *[1] * (new.dim() - 1))
+            pool[key] = torch.where(frozen, old, new)
 
-        if hits.all():
-            break
-        cache.reorder(parent[keep])
+        ends = hits.all(dim=1)  # (P,)
         # HF's stop heuristic: can the best open beam still beat the worst pooled hypothesis?
         horizon = m if config.early_stopping == "never" and lp > 0 else step + 1
-        best_possible = beam_sum[0] / (horizon ** lp)
-        worst = torch.where(pool["done"], pool["score"].min(), BLOCK)  # (N,)
-        if not (best_possible > worst).any():
+        best_possible = beam_sum[:, 0] / (horizon ** lp)  # (P,)
+        worst = torch.where(pool["done"], pool["score"].amin(1, keepdim=True), BLOCK)  # (P, N)
+        ends |= ~(best_possible[:, None] > worst).any(dim=1)
+        if config.early_stopping is True:
+            ends |= pool["done"].all(dim=1)
+        searching &= ~ends
+        if not searching.any():
             break
-        if config.early_stopping is True and pool["done"].all():
-            break
+        cache.reorder((first_row + parent.gather(1, keep)).view(-1))
 
-    for i in range(config.num_return_sequences):
-        length = int(pool["len"][i])
-        out.sequences.append(pool["tokens"][i, :length].tolist())
-        out.prompts.append(list(prompt))
-        out.logprobs.append(pool["logp"][i, :length].tolist())
-        out.finish_reasons.append(REASONS[int(pool["reason"][i])])
-        out.scores.append(float(pool["score"][i]))
-        out.sum_logprobs.append(float(pool["sum"][i]))
+    out = BeamOutput([], [], [], [], [], [])
+    for p, prompt in enumerate(prompts):
+        for i in range(config.num_return_sequences):
+            length = int(pool["len"][p, i])
+            out.sequences.append(pool["tokens"][p, i, :length].tolist())
+            out.prompts.append(list(prompt))
+            out.logprobs.append(pool["logp"][p, i, :length].tolist())
+            out.finish_reasons.append(REASONS[int(pool["reason"][p, i])])
+            out.scores.append(float(pool["score"][p, i]))
+            out.sum_logprobs.append(float(pool["sum"][p, i]))
+    return out

@@ -2,7 +2,7 @@
 
 Each step, a proposer drafts up to gamma tokens per row: a small draft model sharing the
 TokenSpace (sampled from its own processed distribution q), or prompt lookup (the tokens that
-followed the last earlier occurrence of the row's trailing n-gram; q is then a point mass).
+followed an earlier occurrence of the row's trailing n-gram; q is then a point mass).
 The target scores the row's last committed token plus all drafts in one cached forward, giving
 its processed distribution p at every drafted position. Drafts are accepted left to right:
 
@@ -61,11 +61,14 @@ def check_draft(model: nn.Module, draft: nn.Module | None, config: DecodingConfi
 
 
 def lookup_proposals(seq: list[int], max_ngram: int, count: int) -> list[int]:
-    """Prompt-lookup drafting: the (up to) `count` tokens that followed the latest earlier
-    occurrence of seq's trailing n-gram, trying n = max_ngram down to 1; [] when none occurs."""
+    """Prompt-lookup drafting: the (up to) `count` tokens that followed the earliest earlier
+    occurrence of seq's trailing n-gram, trying n = max_ngram down to 1; [] when none occurs.
+
+    Earliest, as Hugging Face's prompt lookup: it has the longest continuation, which in a
+    run of repeated text is the difference between one proposal and `count` of them."""
     for n in range(min(max_ngram, len(seq) - 1), 0, -1):
         tail = seq[-n:]
-        for start in range(len(seq) - n - 1, -1, -1):  # latest match first, excluding the tail
+        for start in range(len(seq) - n):  # every occurrence except the tail itself
             if seq[start:start + n] == tail:
                 return seq[start + n:start + n + count]
     return []
