@@ -99,8 +99,15 @@ class KVCache:
 
     def reorder(self, rows: Tensor) -> None:
         """Keep batch rows `rows` (B',) in that order, e.g. the surviving beams' parents."""
-        self.k = self.k.index_select(1, rows)
-        self.v = self.v.index_select(1, rows)
+        if rows.shape[0] == self.k.shape[1] and not self.rolling:
+            # Same batch size (a beam step): move only the filled slots, in place. Slots past
+            # pos hold no position in any row (slot_pos -1), so they are never attended.
+            filled = slice(0, self.pos)
+            self.k[:, :, :, filled] = self.k[:, rows, :, filled]
+            self.v[:, :, :, filled] = self.v[:, rows, :, filled]
+        else:
+            self.k = self.k.index_select(1, rows)
+            self.v = self.v.index_select(1, rows)
         self.slot_pos = self.slot_pos.index_select(0, rows)
 
     def discard_from(self, positions: Tensor) -> None:
