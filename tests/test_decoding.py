@@ -161,6 +161,8 @@ def test_penalties_are_applied_in_generation():
 @pytest.mark.parametrize("field,value", [
     ("top_p", 0.0), ("top_p", 1.5), ("temperature", -0.1), ("top_k", -1), ("num_beams", 0),
     ("max_new_tokens", -1), ("min_p", 2.0), ("repetition_penalty", 0.0),
+    ("speculative", "medusa"), ("num_draft_tokens", 0), ("draft_confidence", 1.5),
+    ("prompt_lookup_max_ngram", 0), ("compile", "yes"), ("adaptive_draft", None),
 ])
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -170,6 +172,10 @@ def test_bad_values_name_the_field(field, value):
 def test_beam_with_sampling_options_is_refused():
     with pytest.raises(ValueError, match="top_p"):
         DecodingConfig(strategy="beam", num_beams=4, top_p=0.9)
+    with pytest.raises(ValueError, match="compile=True"):
+        DecodingConfig(strategy="beam", num_beams=4, compile=True)
+    with pytest.raises(ValueError, match="compile=True"):
+        DecodingConfig(compile=True, use_cache=False)
 
 
 def test_ids_outside_the_vocabulary_are_refused_before_compute():

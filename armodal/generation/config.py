@@ -216,6 +216,9 @@ class DecodingConfig:
             if value != off:
                 _fail(name, value, f"{off} with strategy='beam' (a sampling option; beam "
                       "search does not sample)")
+        if self.compile:
+            _fail("compile", self.compile, "false with strategy='beam' (beam search runs "
+                  "eagerly; the compiled step serves greedy and sampling)")
         if self.num_return_sequences > self.num_beams:
             _fail("num_return_sequences", self.num_return_sequences,
                   f"at most num_beams={self.num_beams} with strategy='beam'")
