@@ -15,11 +15,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import torch
-
-from armodal.generation import DecodingConfig, generate
 from context import Bench
 from measure import Side, measure
 from report import Row, missing
+
+from armodal.generation import DecodingConfig, generate
 
 HF_SAMPLING = dict(do_sample=True, temperature=1.0, top_k=50, top_p=1.0)
 BEAMS = 4

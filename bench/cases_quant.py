@@ -14,13 +14,13 @@ import warnings
 from collections.abc import Iterator
 
 import torch
-
-from armodal.generation import DecodingConfig, generate
 from cases_decode import rate_row
 from context import Bench
 from corpus import held_out_nll
 from measure import measure
 from report import Row, missing
+
+from armodal.generation import DecodingConfig, generate
 
 MODES = ("int8", "int4", "bf16")
 FP32 = "armodal fp32"

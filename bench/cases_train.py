@@ -19,12 +19,12 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from armodal.model import Transformer
 from cases_decode import memory_row
 from context import Bench
 from measure import measure
 from report import Row, missing
+
+from armodal.model import Transformer
 
 
 def flops_per_token(model: Transformer, seq_len: int) -> float:

@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from corpus import Corpus, held_out_nll, load_corpus
 
 from armodal.hf import load_llama, save_llama
 from armodal.model import ModelConfig, Transformer
-from corpus import Corpus, held_out_nll, load_corpus
 
 
 @dataclass(frozen=True)

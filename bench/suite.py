@@ -40,15 +40,14 @@ from pathlib import Path
 os.environ.setdefault("WANDB_MODE", "disabled")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-
-from cases_decode import compile_rows, decode_rows, speculative_rows, ttft_rows  # noqa: E402
-from cases_quant import quant_rows  # noqa: E402
-from cases_train import train_rows  # noqa: E402
-from context import SETTINGS, Bench  # noqa: E402
-from measure import machine_line, matmul_peak_gflops  # noqa: E402
-from models import SIZES, load_hf, prepare  # noqa: E402
-from report import Row, Target, check_targets, missing, print_row, print_table  # noqa: E402
+import torch
+from cases_decode import compile_rows, decode_rows, speculative_rows, ttft_rows
+from cases_quant import quant_rows
+from cases_train import train_rows
+from context import SETTINGS, Bench
+from measure import machine_line, matmul_peak_gflops
+from models import SIZES, load_hf, prepare
+from report import Row, Target, check_targets, missing, print_row, print_table
 
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parent / ".models"
 

@@ -13,7 +13,12 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 from armodal.generation import DecodingConfig, generate
-from armodal.generation.compiled import CompiledStep, cache_len, compiled_step, decode_step
+from armodal.generation.compiled import (
+    CompiledStep,
+    cache_len,
+    compiled_step,
+    decode_step,
+)
 from armodal.model import ModelConfig, Transformer
 
 V = 64

@@ -78,7 +78,7 @@ def test_stop_strings_cut_text_and_stream_never_shows_them():
     free = generate(model, [[65]], DecodingConfig(strategy="greedy", max_new_tokens=40))
     text = tok.decode(torch.tensor(free.sequences[0]))
     stop = text[10:13]  # a stop string greedy decoding is bound to produce
-    decode = lambda ids: tok.decode(torch.tensor(ids))  # noqa: E731
+    decode = lambda ids: tok.decode(torch.tensor(ids))
     config = DecodingConfig(strategy="greedy", max_new_tokens=40, stop_strings=(stop,))
     pieces, events = [], stream(model, [[65]], config, decode=decode)
     while True:

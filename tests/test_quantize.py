@@ -10,8 +10,16 @@ from safetensors import safe_open
 from armodal.checkpoint import load_run, save_run
 from armodal.evaluate import evaluate
 from armodal.model import ModelConfig, Transformer
-from armodal.quantize import (QUANT_MODES, Int4Linear, Int8Embedding, Int8Linear, int4_groups,
-                              int8_rows, quantize_model, weight_bytes)
+from armodal.quantize import (
+    QUANT_MODES,
+    Int4Linear,
+    Int8Embedding,
+    Int8Linear,
+    int4_groups,
+    int8_rows,
+    quantize_model,
+    weight_bytes,
+)
 from armodal.tokenizers import ByteTokenizer
 from armodal.tokenizers.space import TokenSpace
 
