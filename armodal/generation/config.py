@@ -227,6 +227,12 @@ class DecodingConfig:
                   "stop_token_ids or stop_sequences)")
 
     @property
+    def uses_history(self) -> bool:
+        """True when a penalty reads the ids so far (repetition, presence, frequency, n-gram)."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0 or \
+            self.frequency_penalty != 0 or self.no_repeat_ngram_size > 0
+
+    @property
     def is_greedy(self) -> bool:
         """True when tokens are chosen by argmax: strategy "greedy" or temperature 0."""
         return self.strategy == "greedy" or self.temperature == 0

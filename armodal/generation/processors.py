@@ -220,9 +220,7 @@ def process_logits(logits: Tensor, config: DecodingConfig, step: int,
 def _apply_penalties(logits: Tensor, config: DecodingConfig, step: int, history: Tensor | None,
                      prompt_len: Tensor | int | None) -> Tensor:
     """Step 2 of `process_logits`; raises if a penalty is on but `history` is missing."""
-    on = config.repetition_penalty != 1.0 or config.presence_penalty != 0 or \
-        config.frequency_penalty != 0 or config.no_repeat_ngram_size > 0
-    if not on:
+    if not config.uses_history:
         return logits
     if history is None:
         raise ValueError("process_logits needs `history` (the ids so far) when "

@@ -253,10 +253,7 @@ def _process(logits: Tensor, config: DecodingConfig, allowed: Tensor | None,
     """process_logits for logits (N, V) of N (row, position) pairs, each with its own history
     and step. One batched call when nothing depends on them; else one call per pair."""
     row_allowed = allowed if allowed is None or allowed.dim() == 1 else allowed[rows]
-    step_dependent = config.min_new_tokens > 0 or config.repetition_penalty != 1.0 or \
-        config.presence_penalty != 0 or config.frequency_penalty != 0 or \
-        config.no_repeat_ngram_size > 0
-    if not step_dependent:
+    if config.min_new_tokens == 0 and not config.uses_history:
         return process_logits(logits, config, 0, row_allowed)
     out = []
     for i, (history, step) in enumerate(zip(histories, steps)):
@@ -321,16 +318,16 @@ def _verify(scored: Tensor, proposals: dict, q: Tensor | None, rows: _Rows, acti
     top_logprobs, n_accepted)}."""
     n_rows, width = scored.shape[0], scored.shape[1]
     pairs = [(r, j) for r in active for j in range(len(proposals[r]) + 1)]
-    logits = _process(scored[[r for r, _ in pairs], [j for _, j in pairs]], config, allowed,
-                      [r for r, _ in pairs],
+    pair_rows, pair_cols = [r for r, _ in pairs], [j for _, j in pairs]
+    logits = _process(scored[pair_rows, pair_cols], config, allowed, pair_rows,
                       [rows.seqs[r] + proposals[r][:j] for r, j in pairs],
                       [rows.generated(r) + j for r, j in pairs],
-                      [rows.prompt_lens[r] for r, _ in pairs])  # (N, V)
+                      [rows.prompt_lens[r] for r in pair_rows])  # (N, V)
     if torch.isneginf(logits).all(-1).any():
         raise ValueError("no token is allowed at some step: the allowed masks, bans and the "
                          "stop ids blocked by min_new_tokens remove the whole vocabulary")
     processed = logits.new_full((n_rows, width, logits.shape[-1]), NEG_INF)
-    processed[[r for r, _ in pairs], [j for _, j in pairs]] = logits
+    processed[pair_rows, pair_cols] = logits
     logp = processed.log_softmax(-1)  # (B, width, V); -inf / NaN on unused positions
     n_accepted = {}
     if sampler is None:
