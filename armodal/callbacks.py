@@ -1,4 +1,5 @@
-"""Training callbacks armodal adds to Lightning's: a loss-curve PNG and generated samples."""
+"""Training callbacks armodal adds to Lightning's: a loss-curve PNG and generated samples
+(text, or image grids)."""
 
 from __future__ import annotations
 
@@ -90,6 +91,31 @@ def sample_text(model: torch.nn.Module, tokenizer: Tokenizer, space: TokenSpace,
     config = decoding_for(model, space, decoding, len(prompt_ids), warn=io.StringIO())
     out = generate(model, [prompt_ids], config)
     return prompt + decode_text(tokenizer, space, out.sequences[0])
+
+
+class SampleImages(L.Callback):
+    """After each validation: one image per class (conditional) or 8 images, written as
+    `<path>/step_XXXXXX.png` and logged to wandb as an image."""
+
+    def __init__(self, tokenizer: Tokenizer, layout, decoding: DecodingConfig, path: str,
+                 unconditional_count: int = 8):
+        self.tokenizer, self.layout, self.decoding = tokenizer, layout, decoding
+        self.path = Path(path)
+        self.labels = list(range(layout.null_label)) if layout.conditional else \
+            [None] * unconditional_count
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        from armodal.imagegen import sample_images, save_grid
+
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        images = sample_images(pl_module.model, self.tokenizer, self.layout, self.labels,
+                               self.decoding)
+        png = save_grid(images, self.path / f"step_{trainer.global_step:06d}.png",
+                        nrow=len(self.labels))
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):  # wandb
+                logger.log_image("samples", [str(png)], step=trainer.global_step)
 
 
 class WallClock(L.Callback):

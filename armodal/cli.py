@@ -5,6 +5,7 @@
     armodal generate run=<dir> prompt_file=prompts.txt format=jsonl   (prompt_file=- : stdin)
     armodal eval run=<dir> [data=<file|folder|glob>] [quantize=int8|int4|bf16]
     armodal generate run=<dir> prompt="..." decoding=speculative draft_run=<smaller run dir>
+    armodal generate run=<image run dir> image.classes=[3,7] decoding.cfg_scale=2   (PNG grid)
 """
 
 from __future__ import annotations
@@ -105,6 +106,8 @@ def run_generate(args: list[str]) -> None:
     if cfg.draft_run is not None and decoding.speculative is None:
         decoding = dataclasses.replace(decoding, speculative="draft")  # draft_run implies it
     run = load_run(cfg.run, cfg.device, quantize=cfg.quantize)
+    if run.tokenizer.modality == "image":
+        return generate_image_grid(run, cfg, decoding, bool(raw) or cfg.prompt_file is not None)
     draft = None if cfg.draft_run is None else load_run(cfg.draft_run, cfg.device,
                                                         quantize=cfg.quantize)
     if cfg.format == "text" and len(prompts) == 1 and decoding.num_return_sequences == 1 \
@@ -114,6 +117,20 @@ def run_generate(args: list[str]) -> None:
         print()
         return
     write_records(generate_text(run, prompts, decoding, draft), cfg.format)
+
+
+def generate_image_grid(run, cfg, decoding, prompted: bool) -> None:
+    from omegaconf import OmegaConf
+
+    from armodal.imagegen import generate_grid
+
+    if prompted or cfg.draft_run is not None:
+        raise UsageError(f"{run.path} is an image run: it takes no prompt, prompt_file or "
+                         f"draft_run; choose image.classes, image.num_images, "
+                         f"image.complete_rows (see conf/generate.yaml)")
+    opts = OmegaConf.to_container(cfg.image)
+    path, per_row = generate_grid(run, decoding, **opts)
+    print(f"wrote {path} ({per_row} images per row)")
 
 
 def run_eval(args: list[str]) -> None:

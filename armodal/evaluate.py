@@ -12,7 +12,9 @@ from hydra.utils import instantiate
 
 from armodal.checkpoint import LoadedRun, load_run
 from armodal.data.shards import build_or_load_shards
+from armodal.data.image_module import ImageDataModule
 from armodal.data.sources import TextSource
+from armodal.lit import bits_per_unit, nll_sums
 
 
 @dataclass
@@ -36,6 +38,11 @@ def evaluate(run_dir: str, data: str | None = None, pattern: str = "**/*", batch
     quantize: score the run's model quantized on load (armodal.quantize.QUANT_MODES), to
     measure what quantization costs against the same call without it."""
     run = load_run(run_dir, device, quantize=quantize)
+    if run.tokenizer.modality == "image":
+        if data is not None:
+            raise ValueError(f"data={data!r}: image runs are scored on their own val split; "
+                             f"leave data unset")
+        return _evaluate_images(run, batch_size, max_batches)
     if data is None:
         tokens, units_per_token, label = _val_split(run)
     else:
@@ -45,6 +52,27 @@ def evaluate(run_dir: str, data: str | None = None, pattern: str = "**/*", batch
                    run.model.config.max_seq_len, batch_size, max_batches)
     return EvalResult(nll, math.exp(min(nll, 50.0)), nll / math.log(2) / units_per_token,
                       run.tokenizer.unit, len(tokens), label)
+
+
+@torch.inference_mode()
+def _evaluate_images(run: LoadedRun, batch_size: int, max_batches: int | None) -> EvalResult:
+    """Exact bits per dimension over the val images' code tokens (structure tokens excluded)."""
+    dm = ImageDataModule.for_run(run.meta["train_config"], run.tokenizer, run.space)
+    units_per_token, unit, unit_ids = dm.units()
+    sums = torch.zeros(4, dtype=torch.float64)
+    device = next(run.model.parameters()).device
+    for i, batch in enumerate(dm.val_sequences.split(batch_size)):
+        if max_batches is not None and i >= max_batches:
+            break
+        batch = batch.to(device)
+        logits = run.model(batch[:, :-1])  # (B, L-1, V)
+        targets = batch[:, 1:].flatten()
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), targets, reduction="none")
+        sums += nll_sums(nll, targets, unit_ids).cpu()
+    total, count = sums[0].item(), int(sums[1].item())
+    bits = bits_per_unit(*sums, units_per_token, unit_ids)
+    return EvalResult(total / count, math.exp(min(total / count, 50.0)), bits, unit, count,
+                      "val split")
 
 
 def _val_split(run: LoadedRun) -> tuple[np.ndarray, float, str]:

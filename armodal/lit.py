@@ -52,11 +52,16 @@ class ARModule(L.LightningModule):
 
     Batches are (B, T+1) int64 tensors, or dicts with "tokens" and an optional "loss_mask".
     `units_per_token` turns nats per token into bits per unit (bits per byte for text).
+    `unit_ids` = (lo, hi): only targets with global ids in [lo, hi) count toward bits per unit,
+    each standing for `units_per_token` units; e.g. an image's code tokens, so that structure
+    tokens (<boi>, end of row, the class) stay out of bits per dimension. The loss and
+    perplexity still cover every target.
     """
 
     def __init__(self, model_config: ModelConfig, optimizer: Callable[..., torch.optim.Optimizer],
                  scheduler: Callable[..., LambdaLR] | None = None, pad_id: int | None = None,
-                 units_per_token: float = 1.0, unit: str = "token", compile: bool = False):
+                 units_per_token: float = 1.0, unit: str = "token", compile: bool = False,
+                 unit_ids: tuple[int, int] | None = None):
         super().__init__()
         self.model_config = model_config
         self.model = Transformer(model_config)
@@ -65,6 +70,7 @@ class ARModule(L.LightningModule):
         self.pad_id = pad_id
         self.units_per_token = units_per_token
         self.unit = unit
+        self.unit_ids = tuple(unit_ids) if unit_ids is not None else None
         # Kept off the module tree: the compiled wrapper shares self.model's parameters, and
         # registering it would repeat every weight in the state dict under a second name.
         # Generation keeps calling the eager self.model, whose cache shapes vary by call.
@@ -74,15 +80,22 @@ class ARModule(L.LightningModule):
     def forward(self, idx: Tensor) -> Tensor:
         return self.forward_fn(idx)
 
-    def loss(self, batch: Tensor | dict) -> tuple[Tensor, Tensor]:
-        """Mean cross-entropy over learned targets, and the number of learned targets."""
+    def token_nll(self, batch: Tensor | dict) -> tuple[Tensor, Tensor]:
+        """Per-target NLL (B*T,) (0 where not learned) and the targets (B*T,)."""
         tokens, loss_mask = (batch["tokens"], batch.get("loss_mask")) \
             if isinstance(batch, dict) else (batch, None)
         inputs, targets = shift_targets(tokens, loss_mask, self.pad_id)
         logits = self(inputs)  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(),
-                               ignore_index=IGNORE_INDEX)
-        return loss, (targets != IGNORE_INDEX).sum()
+        targets = targets.flatten()
+        nll = F.cross_entropy(logits.flatten(0, -2).float(), targets, ignore_index=IGNORE_INDEX,
+                              reduction="none")
+        return nll, targets
+
+    def loss(self, batch: Tensor | dict) -> tuple[Tensor, Tensor]:
+        """Mean cross-entropy over learned targets, and the number of learned targets."""
+        nll, targets = self.token_nll(batch)
+        count = (targets != IGNORE_INDEX).sum()
+        return nll.sum() / count.clamp(min=1), count
 
     def training_step(self, batch: Tensor | dict, batch_idx: int) -> Tensor:
         loss, _ = self.loss(batch)
@@ -90,20 +103,23 @@ class ARModule(L.LightningModule):
         return loss
 
     def on_validation_epoch_start(self) -> None:
-        self._val_nll = torch.zeros((), dtype=torch.float64)
-        self._val_count = torch.zeros((), dtype=torch.float64)
+        # (all targets' NLL, their count, unit targets' NLL, their count)
+        self._val_sums = torch.zeros(4, dtype=torch.float64)
 
     def validation_step(self, batch: Tensor | dict, batch_idx: int) -> None:
         # Sum NLL over tokens (not a mean of batch means) so the epoch figure is exact.
-        loss, count = self.loss(batch)
-        self._val_nll += loss.detach().double().cpu() * count.cpu()
-        self._val_count += count.cpu()
+        nll, targets = self.token_nll(batch)
+        self._val_sums += nll_sums(nll.detach(), targets, self.unit_ids).cpu()
 
     def on_validation_epoch_end(self) -> None:
-        nll = self.all_gather(self._val_nll).sum() / self.all_gather(self._val_count).sum()
+        total, count, unit_total, unit_count = self.all_gather(self._val_sums).reshape(-1, 4).sum(0)
+        nll = (total / count).item()
         if not self.trainer.sanity_checking:
-            self.val_history.append((self.global_step, nll.item()))
-        self.log_dict(val_metrics(nll.item(), self.units_per_token, self.unit), prog_bar=True)
+            self.val_history.append((self.global_step, nll))
+        bits = bits_per_unit(total, count, unit_total, unit_count, self.units_per_token,
+                             self.unit_ids)
+        self.log_dict({"val/loss": nll, "val/ppl": math.exp(min(nll, 50.0)),
+                       f"val/bits_per_{self.unit}": bits}, prog_bar=True)
 
     def configure_optimizers(self):
         # Weight decay on matrices only; norms' gains are left alone, as in nanoGPT / Llama.
@@ -119,7 +135,21 @@ class ARModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def val_metrics(nll: float, units_per_token: float, unit: str) -> dict[str, float]:
-    """Loss (nats/token), perplexity and bits per unit from a mean NLL."""
-    return {"val/loss": nll, "val/ppl": math.exp(min(nll, 50.0)),
-            f"val/bits_per_{unit}": nll / math.log(2) / units_per_token}
+def nll_sums(nll: Tensor, targets: Tensor, unit_ids: tuple[int, int] | None) -> Tensor:
+    """(4,) float64: summed NLL and count over learned targets, then over unit targets
+    (targets in [lo, hi) of unit_ids; all learned targets when unit_ids is None)."""
+    learned = targets != IGNORE_INDEX
+    in_units = learned if unit_ids is None else (targets >= unit_ids[0]) & (targets < unit_ids[1])
+    nll = nll.double()
+    return torch.stack([nll[learned].sum(), learned.sum().double(), nll[in_units].sum(),
+                        in_units.sum().double()])
+
+
+def bits_per_unit(total: Tensor | float, count: Tensor | float, unit_total: Tensor | float,
+                  unit_count: Tensor | float, units_per_token: float,
+                  unit_ids: tuple[int, int] | None) -> float:
+    """Bits per unit: over all targets (text: units_per_token averages bytes over every token,
+    eos included), or over the unit targets only, each worth units_per_token units."""
+    if unit_ids is None:
+        return float(total / count / math.log(2) / units_per_token)
+    return float(unit_total / (unit_count * units_per_token) / math.log(2))

@@ -13,9 +13,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from armodal.callbacks import SampleText
+from armodal.callbacks import SampleImages, SampleText
 from armodal.checkpoint import save_run
 from armodal.data import TokenDataModule
+from armodal.data.image_module import ImageDataModule
 from armodal.lit import ARModule
 
 
@@ -45,7 +46,13 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
 
 
 def train(cfg: DictConfig) -> TrainResult:
-    """Tokenize (cached), build the model at the TokenSpace's vocab size, fit, export."""
+    """Tokenize (cached), build the model at the TokenSpace's vocab size, fit, export.
+
+    A config with `task: codec` trains a neural tokenizer instead (armodal.codecs.train)."""
+    if cfg.get("task") == "codec":
+        from armodal.codecs.train import train_codec
+
+        return train_codec(cfg)
     start = time.perf_counter()
     run_dir = resolve_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -54,22 +61,22 @@ def train(cfg: DictConfig) -> TrainResult:
 
     # Data first: a trainable tokenizer is fitted here, and it fixes the vocabulary size.
     tokenizer = instantiate(cfg.domain.tokenizer)
-    datamodule = TokenDataModule(source=instantiate(cfg.domain.source), tokenizer=tokenizer,
-                                 seed=cfg.seed, **cfg.domain.data)
+    datamodule = build_datamodule(cfg, tokenizer)
     datamodule.prepare_shards()
-    space, shards = datamodule.space, datamodule.shards
+    space = datamodule.space
 
-    model_config = instantiate(cfg.model, vocab_size=space.vocab_size)
+    model_config = instantiate(cfg.model, vocab_size=space.vocab_size,
+                               max_seq_len=datamodule.seq_len)
+    units_per_token, unit, unit_ids = datamodule.units()
     module = ARModule(model_config, optimizer=instantiate(cfg.optim.optimizer),
                       scheduler=instantiate(cfg.optim.scheduler), pad_id=space.pad_id,
-                      units_per_token=shards.units_per_token("val"), unit=tokenizer.unit,
+                      units_per_token=units_per_token, unit=unit, unit_ids=unit_ids,
                       compile=cfg.compile)
 
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     decoding = instantiate(cfg.decoding)
     if cfg.sample_every_validation:
-        callbacks.append(SampleText(tokenizer, space, cfg.domain.prompt, decoding,
-                                    path=str(run_dir / "samples.txt")))
+        callbacks.append(sample_callback(cfg, datamodule, decoding, run_dir))
     loggers = [instantiate(c) for c in cfg.logger.values()]
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
                                      default_root_dir=str(run_dir))
@@ -85,16 +92,36 @@ def train(cfg: DictConfig) -> TrainResult:
 
     save_run(run_dir, module.model, space, tokenizer, extra={
         "domain": cfg.domain.name,
-        "prompt": cfg.domain.prompt,
+        "prompt": cfg.domain.get("prompt"),
         "decoding": OmegaConf.to_container(cfg.decoding, resolve=True),
         "metrics": {"best_val_loss": best_val, **metrics},
         "steps": trainer.global_step,
         "train_config": OmegaConf.to_container(cfg, resolve=True),
+        **datamodule.run_meta(),
     })
     result = TrainResult(run_dir, best_val, final_val, metrics, trainer.global_step,
                          time.perf_counter() - start, module, trainer, datamodule)
-    print(summary(result, tokenizer.unit))
+    print(summary(result, unit))
     return result
+
+
+def build_datamodule(cfg: DictConfig, tokenizer) -> TokenDataModule | ImageDataModule:
+    """Text domains name a document `source`; image domains name an image source `images`."""
+    domain = cfg.domain
+    if "images" in domain:
+        return ImageDataModule(images=instantiate(domain.images), tokenizer=tokenizer,
+                               seed=cfg.seed, **domain.data)
+    return TokenDataModule(source=instantiate(domain.source), tokenizer=tokenizer,
+                           seed=cfg.seed, **domain.data)
+
+
+def sample_callback(cfg: DictConfig, datamodule, decoding, run_dir: Path) -> L.Callback:
+    """Samples after each validation: an image grid PNG, or text appended to samples.txt."""
+    if isinstance(datamodule, ImageDataModule):
+        return SampleImages(datamodule.tokenizer, datamodule.layout, decoding,
+                            path=str(run_dir / "samples"))
+    return SampleText(datamodule.tokenizer, datamodule.space, cfg.domain.prompt, decoding,
+                      path=str(run_dir / "samples.txt"))
 
 
 def summary(result: TrainResult, unit: str) -> str:
@@ -108,7 +135,8 @@ def summary(result: TrainResult, unit: str) -> str:
         f"  val loss       {result.final_val_loss:.4f} nats/token (best {result.best_val_loss:.4f})",
         f"  val bits/{unit:<6}{bits:.4f}",
         f"  loss curve     {result.run_dir / 'loss_curve.png'}",
-        f"  generate       armodal generate run={result.run_dir} prompt=\"...\"",
+        f"  generate       armodal generate run={result.run_dir}"
+        + (' prompt="..."' if unit == "byte" else ""),
         f"  evaluate       armodal eval run={result.run_dir}",
         "=" * 72,
     ])

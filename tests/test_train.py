@@ -15,7 +15,9 @@ from armodal.generation import DecodingConfig, generate
 from armodal.model import ModelConfig, Transformer
 
 REQUIRED = {"text_char": ["domain.source.path=README.md"],
-            "text_byte": ["domain.source.path=README.md"]}
+            "text_byte": ["domain.source.path=README.md"],
+            "image_mnist": ["domain.images.root=/nonexistent/mnist"],
+            "image_folder": ["domain.images.root=/nonexistent/folder"]}
 
 
 def options(group: str) -> list[str]:
@@ -27,11 +29,14 @@ def instantiate_all(cfg, tmp_path: Path) -> None:
     with open_dict(cfg):
         cfg.run_dir = str(tmp_path)
     tokenizer = instantiate(cfg.domain.tokenizer)
-    assert tokenizer.modality == "text"
-    instantiate(cfg.domain.source)
     model_config = instantiate(cfg.model, vocab_size=300)
     assert isinstance(model_config, ModelConfig)
-    assert model_config.max_seq_len == cfg.domain.data.seq_len
+    if tokenizer.modality == "image":
+        instantiate(cfg.domain.images)  # lazily: the data need not exist to compose
+    else:
+        assert tokenizer.modality == "text"
+        instantiate(cfg.domain.source)
+        assert model_config.max_seq_len == cfg.domain.data.seq_len
     assert isinstance(instantiate(cfg.decoding), DecodingConfig)
     optimizer = instantiate(cfg.optim.optimizer)([torch.nn.Parameter(torch.zeros(2, 2))])
     instantiate(cfg.optim.scheduler)(optimizer, total_steps=10)
@@ -46,7 +51,13 @@ def test_recipes_exist():
     assert {"text_code_cpu", "text_char_shakespeare"} <= set(available_recipes())
 
 
-@pytest.mark.parametrize("recipe", available_recipes())
+def lm_recipes() -> list[str]:
+    """Recipes that train a language model (codec recipes are composed in test_codecs)."""
+    return [r for r in available_recipes()
+            if compose_config(RECIPES_DIR, r, []).get("task") != "codec"]
+
+
+@pytest.mark.parametrize("recipe", lm_recipes())
 def test_every_recipe_composes_and_instantiates(recipe, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     domain = compose_config(RECIPES_DIR, recipe, []).domain.name
@@ -136,8 +147,16 @@ def test_every_configured_tokenizer_passes_conformance(domain, corpus_file):
     """The conformance check, not a registry, admits a tokenizer: run it on each one conf/ names."""
     from armodal.tokenizers import check_tokenizer
 
-    cfg = compose_config(CONF_DIR, "train", [f"domain={domain}"])
+    cfg = compose_config(CONF_DIR, "train", [f"domain={domain}", *REQUIRED.get(domain, [])])
     tokenizer = instantiate(cfg.domain.tokenizer)
+    if tokenizer.modality == "image":
+        c, (h, w) = tokenizer.channels, tokenizer.image_size
+        images = torch.randint(0, 256, (3, c, h, w), generator=torch.Generator().manual_seed(0),
+                               dtype=torch.uint8)
+        if hasattr(tokenizer, "fit"):
+            tokenizer.fit(images)
+        check_tokenizer(tokenizer, list(images))
+        return
     text = corpus_file.read_text()[:60_000]
     if hasattr(tokenizer, "fit"):
         tokenizer.fit([text])

@@ -102,6 +102,14 @@ class TokenDataModule(L.LightningDataModule):
             self.space = self.shards.space
         return self.shards
 
+    def units(self) -> tuple[float, str, None]:
+        """(units per token on val, the tokenizer's unit, None: every target counts)."""
+        return self.prepare_shards().units_per_token("val"), self.tokenizer.unit, None
+
+    def run_meta(self) -> dict:
+        """Nothing beyond the tokenizer and space is needed to rebuild prompts."""
+        return {}
+
     def prepare_data(self) -> None:
         self.prepare_shards()
 
