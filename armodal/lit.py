@@ -76,6 +76,7 @@ class ARModule(L.LightningModule):
         # Generation keeps calling the eager self.model, whose cache shapes vary by call.
         object.__setattr__(self, "forward_fn", torch.compile(self.model) if compile else self.model)
         self.val_history: list[tuple[int, float]] = []  # (global step, val loss) per validation
+        self.bits_history: dict[int, float] = {}  # global step -> val bits per unit
 
     def forward(self, idx: Tensor) -> Tensor:
         return self.forward_fn(idx)
@@ -112,12 +113,14 @@ class ARModule(L.LightningModule):
         self._val_sums += nll_sums(nll.detach(), targets, self.unit_ids).cpu()
 
     def on_validation_epoch_end(self) -> None:
-        total, count, unit_total, unit_count = self.all_gather(self._val_sums).reshape(-1, 4).sum(0)
+        sums = self.all_gather(self._val_sums).reshape(-1, 4).sum(0)  # over processes
+        total, count, unit_total, unit_count = sums
         nll = (total / count).item()
-        if not self.trainer.sanity_checking:
-            self.val_history.append((self.global_step, nll))
         bits = bits_per_unit(total, count, unit_total, unit_count, self.units_per_token,
                              self.unit_ids)
+        if not self.trainer.sanity_checking:
+            self.val_history.append((self.global_step, nll))
+            self.bits_history[self.global_step] = bits
         self.log_dict({"val/loss": nll, "val/ppl": math.exp(min(nll, 50.0)),
                        f"val/bits_per_{self.unit}": bits}, prog_bar=True)
 

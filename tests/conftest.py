@@ -44,3 +44,19 @@ def char_run(tmp_path_factory, corpus_file):
     cfg = compose_config(RECIPES_DIR, "text_char_shakespeare",
                          [f"domain.source.path={corpus_file}", *_quick_overrides(tmp, steps=60)])
     return train(cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_codec(tmp_path_factory) -> Path:
+    """An untrained (random) 28x28 -> 7x7 VQ codec directory: enough to test the plumbing."""
+    import torch
+
+    from armodal.codecs.artefact import save_codec
+    from armodal.codecs.quantizers import VectorQuantizer
+    from armodal.codecs.vqvae import VQVAE
+
+    torch.manual_seed(0)
+    model = VQVAE(VectorQuantizer(16, 8, kmeans_init=False), in_channels=1, downsample=4,
+                  hidden=8, res_blocks=0)
+    return save_codec(tmp_path_factory.mktemp("codec") / "codec", model.eval(),
+                      meta={"image_size": [28, 28]})

@@ -15,7 +15,7 @@ from armodal.imagegen import completion_prefix, image_step_masks, sample_images
 from armodal.lit import IGNORE_INDEX, bits_per_unit, nll_sums
 from armodal.model import ModelConfig, Transformer
 from armodal.tokenizers import check_tokenizer
-from armodal.tokenizers.image import GridLayout, PixelTokenizer
+from armodal.tokenizers.image import PixelTokenizer
 
 GREEDY = DecodingConfig(strategy="greedy")
 
@@ -285,3 +285,40 @@ def test_cli_generate_refuses_bad_image_requests(digits_run, args, message, caps
         main(["generate", f"run={digits_run.run_dir}", *args])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_vq_tokenizer_round_trip_keeps_the_shape(tiny_codec):
+    from armodal.tokenizers.base import tokenizer_from_config
+    from armodal.tokenizers.image import VQTokenizer
+
+    tok = VQTokenizer(str(tiny_codec), row_end=True)
+    images = random_images(5, 1, 28, 28)
+    ids = tok.encode_batch(images)  # (5, 7 rows x (7 codes + end of row))
+    assert ids.shape == (5, 56) and tok.vocab_size == 17 and tok.dims_per_code == 16
+    assert torch.equal(ids[1], tok.encode(images[1]))
+    back = torch.stack([tok.decode(i) for i in ids])
+    assert back.shape == images.shape and back.dtype == torch.uint8
+    assert torch.equal(tok.encode_batch(back), tok.encode_batch(back))  # deterministic
+    check_tokenizer(tok, list(images[:2]))
+    with pytest.raises(ValueError, match=r"takes 1x28x28 .* got 1x32x32"):
+        tok.encode(torch.zeros(1, 32, 32, dtype=torch.uint8))
+    # A run records the codec's weights hash: another codec under that path is refused.
+    cfg = tok.config()
+    cfg["state"]["codec_sha256"] = "0" * 64
+    with pytest.raises(ValueError, match="trained on codes of a codec with 000000000000"):
+        tokenizer_from_config(cfg)
+
+
+def test_vq_image_sequences_count_each_code_as_a_patch(tiny_codec):
+    from armodal.tokenizers.image import VQTokenizer
+
+    class Mnistish(DigitsImages):  # digits at MNIST size, so no MNIST files are needed
+        def load(self) -> ImageSet:
+            return DigitsImages(size=28).load().subset(torch.arange(64))
+
+    dm = ImageDataModule(Mnistish(), VQTokenizer(str(tiny_codec)), batch_size=8,
+                         conditional=True)
+    dm.setup()
+    assert dm.train_sequences.shape[1] == 3 + 49 + 2
+    units_per_token, unit, (lo, hi) = dm.units()
+    assert (units_per_token, unit, hi - lo) == (16.0, "dim", 16)

@@ -17,7 +17,17 @@ from armodal.model import ModelConfig, Transformer
 REQUIRED = {"text_char": ["domain.source.path=README.md"],
             "text_byte": ["domain.source.path=README.md"],
             "image_mnist": ["domain.images.root=/nonexistent/mnist"],
-            "image_folder": ["domain.images.root=/nonexistent/folder"]}
+            "image_folder": ["domain.images.root=/nonexistent/folder"],
+            "image_mnist_vq": ["domain.images.root=/nonexistent/mnist"]}
+
+
+@pytest.fixture
+def required(tiny_codec):
+    """The overrides a domain needs to compose: its data path, and a codec for VQ domains."""
+    def overrides(domain: str) -> list[str]:
+        codec = [f"domain.tokenizer.codec={tiny_codec}"] if domain.endswith("_vq") else []
+        return REQUIRED.get(domain, []) + codec
+    return overrides
 
 
 def options(group: str) -> list[str]:
@@ -58,19 +68,19 @@ def lm_recipes() -> list[str]:
 
 
 @pytest.mark.parametrize("recipe", lm_recipes())
-def test_every_recipe_composes_and_instantiates(recipe, tmp_path, monkeypatch):
+def test_every_recipe_composes_and_instantiates(recipe, tmp_path, monkeypatch, required):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     domain = compose_config(RECIPES_DIR, recipe, []).domain.name
-    cfg = compose_config(RECIPES_DIR, recipe, REQUIRED.get(domain, []))
+    cfg = compose_config(RECIPES_DIR, recipe, required(domain))
     assert cfg.name == recipe
     instantiate_all(cfg, tmp_path)
 
 
 @pytest.mark.parametrize("domain,model,decoding", list(itertools.product(
     options("domain"), options("model"), options("decoding"))))
-def test_every_axis_combination_composes(domain, model, decoding, tmp_path):
+def test_every_axis_combination_composes(domain, model, decoding, tmp_path, required):
     cfg = compose_config(CONF_DIR, "train", [f"domain={domain}", f"model={model}",
-                                             f"decoding={decoding}", *REQUIRED.get(domain, [])])
+                                             f"decoding={decoding}", *required(domain)])
     instantiate_all(cfg, tmp_path)
 
 
@@ -143,11 +153,11 @@ def test_failed_run_leaves_no_finished_run_dir(tmp_path, quick_overrides):
 
 
 @pytest.mark.parametrize("domain", options("domain"))
-def test_every_configured_tokenizer_passes_conformance(domain, corpus_file):
+def test_every_configured_tokenizer_passes_conformance(domain, corpus_file, required):
     """The conformance check, not a registry, admits a tokenizer: run it on each one conf/ names."""
     from armodal.tokenizers import check_tokenizer
 
-    cfg = compose_config(CONF_DIR, "train", [f"domain={domain}", *REQUIRED.get(domain, [])])
+    cfg = compose_config(CONF_DIR, "train", [f"domain={domain}", *required(domain)])
     tokenizer = instantiate(cfg.domain.tokenizer)
     if tokenizer.modality == "image":
         c, (h, w) = tokenizer.channels, tokenizer.image_size

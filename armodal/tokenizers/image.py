@@ -10,8 +10,6 @@ dimension count exactly those targets (see `dims_per_code`).
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -58,7 +56,8 @@ class GridLayout:
 
     @property
     def vocab_size(self) -> int:
-        return self.n_codes + self.row_end + (max(self.height, self.width) if self.size_tokens else 0)
+        sides = max(self.height, self.width) if self.size_tokens else 0
+        return self.n_codes + self.row_end + sides
 
     def size_id(self, side: int) -> int:
         return self.n_codes + self.row_end + side - 1
@@ -227,10 +226,6 @@ class PixelTokenizer:
 
     def config(self) -> dict:
         return {"target": _target(self), "init": dict(self._init), "state": self.state_dict()}
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 class VQTokenizer:
