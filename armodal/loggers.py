@@ -25,3 +25,12 @@ def wandb_logger(project: str, save_dir: str, name: str | None = None, **kwargs)
         return WandbLogger(project=project, save_dir=save_dir, name=name, **kwargs)
     return WandbLogger(project=project, save_dir=save_dir, name=name,
                        offline=not wandb_configured(), **kwargs)
+
+
+def finish_runs(loggers: list) -> None:
+    """End the wandb runs of a finished training. Lightning's WandbLogger joins a run that is
+    still open in the process, so without this a second train() in one process (tests,
+    notebooks, in-process sweeps) would log into the first one's run."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()

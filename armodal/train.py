@@ -18,6 +18,7 @@ from armodal.checkpoint import save_run
 from armodal.data import TokenDataModule
 from armodal.data.image_module import ImageDataModule
 from armodal.lit import ARModule
+from armodal.loggers import finish_runs
 
 
 @dataclass
@@ -99,6 +100,7 @@ def train(cfg: DictConfig) -> TrainResult:
         "train_config": OmegaConf.to_container(cfg, resolve=True),
         **datamodule.run_meta(),
     })
+    finish_runs(loggers)
     result = TrainResult(run_dir, best_val, final_val, metrics, trainer.global_step,
                          time.perf_counter() - start, module, trainer, datamodule)
     print(summary(result, unit))

@@ -17,6 +17,7 @@ from armodal.codecs.artefact import save_codec
 from armodal.codecs.lit import VQVAEModule, bits_per_image
 from armodal.codecs.vqvae import VQVAE
 from armodal.data.images import split_images
+from armodal.loggers import finish_runs
 
 
 @dataclass
@@ -92,6 +93,7 @@ def train_codec(cfg: DictConfig) -> CodecTrainResult:
         "steps": trainer.global_step,
         "train_config": OmegaConf.to_container(cfg, resolve=True),
     })
+    finish_runs(loggers)
     result = CodecTrainResult(run_dir, codec_dir, metrics, grid, trainer.global_step,
                               time.perf_counter() - start, module, trainer)
     print(summary(result, model.codebook_size, len(val_set)))
