@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,17 +47,32 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def save_weights_then_config(directory: str | Path, model: torch.nn.Module, weights: str,
+                             config: str, make_config: Callable[[Path], dict]) -> Path:
+    """Write `weights` (safetensors) and then `config` (JSON, from make_config(weights path))
+    into `directory`, each under a temporary name renamed into place. The old config goes
+    first, so the directory only reads as finished once both new files are there."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / config).unlink(missing_ok=True)  # unfinished until the new config lands
+    tmp = directory / (weights + ".tmp")
+    # save_model handles tied weights (shared storage), which save_file refuses.
+    save_model(model, str(tmp))
+    os.replace(tmp, directory / weights)
+    _atomic_write_text(directory / config, json.dumps(make_config(directory / weights), indent=2))
+    return directory
+
+
 def save_run(run_dir: str | Path, model: Transformer, space: TokenSpace, tokenizer: Tokenizer,
              extra: dict | None = None) -> Path:
     """Write model.safetensors + config.json (model config, TokenSpace, tokenizer state, and
     the quantization mode of a quantized model)."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG).unlink(missing_ok=True)  # unfinished until the new config lands
-    tmp = run_dir / (WEIGHTS + ".tmp")
-    # save_model handles tied weights (shared storage), which save_file refuses.
-    save_model(model, str(tmp))
-    os.replace(tmp, run_dir / WEIGHTS)
+    return save_weights_then_config(run_dir, model, WEIGHTS, CONFIG,
+                                    lambda _: run_config(model, space, tokenizer, extra))
+
+
+def run_config(model: Transformer, space: TokenSpace, tokenizer: Tokenizer,
+               extra: dict | None) -> dict:
     config = {
         "format_version": FORMAT_VERSION,
         "model": model.config.to_dict(),
@@ -67,8 +83,7 @@ def save_run(run_dir: str | Path, model: Transformer, space: TokenSpace, tokeniz
     quantization = getattr(model, "quantization", None)
     if quantization is not None:
         config["quantization"] = quantization
-    _atomic_write_text(run_dir / CONFIG, json.dumps(config, indent=2))
-    return run_dir
+    return config
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu",

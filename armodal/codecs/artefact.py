@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model
 from torch import nn
 
+from armodal.checkpoint import save_weights_then_config
 from armodal.codecs.fsq import FSQ
 from armodal.codecs.quantizers import VectorQuantizer
 from armodal.codecs.vqvae import VQVAE
@@ -62,13 +62,7 @@ def save_codec(directory: str | Path, model: VQVAE, meta: dict | None = None) ->
     """Write codec.safetensors + codec.json into `directory`; returns the directory.
 
     meta: JSON-serialisable extras (image_size, grid, metrics, train_config, ...)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / CONFIG).unlink(missing_ok=True)  # unfinished until the new config lands
-    tmp = directory / (WEIGHTS + ".tmp")
-    save_model(model, str(tmp))
-    os.replace(tmp, directory / WEIGHTS)
-    config = {
+    return save_weights_then_config(directory, model, WEIGHTS, CONFIG, lambda weights: {
         **(meta or {}),
         "format_version": FORMAT_VERSION,
         "kind": KIND,
@@ -76,12 +70,8 @@ def save_codec(directory: str | Path, model: VQVAE, meta: dict | None = None) ->
         "quantizer": quantizer_spec(model.quantizer),
         "channels": model.in_channels,
         "codebook_size": model.codebook_size,
-        "weights_sha256": file_sha256(directory / WEIGHTS),
-    }
-    tmp = directory / (CONFIG + ".tmp")
-    tmp.write_text(json.dumps(config, indent=2))
-    os.replace(tmp, directory / CONFIG)
-    return directory
+        "weights_sha256": file_sha256(weights),
+    })
 
 
 def read_codec_meta(directory: str | Path) -> dict:

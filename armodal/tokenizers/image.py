@@ -98,16 +98,12 @@ class GridLayout:
         return ids[is_code].reshape(self.height, self.width, self.per_cell)
 
 
-def _check_image(image: Any, channels: int, hw: tuple[int, int], who: str) -> Tensor:
-    if not isinstance(image, Tensor) or image.dtype != torch.uint8 or image.ndim != 3:
-        what = (f"shape {tuple(image.shape)} dtype {image.dtype}" if isinstance(image, Tensor)
-                else type(image).__name__)
-        raise ValueError(f"{who}.encode expects a uint8 image tensor (C, H, W), got {what}")
-    if image.shape[0] != channels or tuple(image.shape[1:]) != hw:
-        raise ValueError(f"{who} takes {channels}x{hw[0]}x{hw[1]} (C x H x W) images, got "
-                         f"{'x'.join(map(str, image.shape))}; resize the data (size=) or set "
-                         f"the tokenizer's image_size / channels")
-    return image
+def _check_batch(images: Any, channels: int, hw: tuple[int, int], who: str) -> Tensor:
+    """images as (N, C, H, W) uint8 of the tokenizer's shape; a single (C, H, W) gets N = 1."""
+    from armodal.data.images import check_images
+
+    check_images(images, channels, hw, who)
+    return images[None] if images.dim() == 3 else images
 
 
 class PixelTokenizer:
@@ -188,15 +184,11 @@ class PixelTokenizer:
 
     def encode(self, sample: Tensor) -> Tensor:
         """(C, H, W) uint8 image -> (length,) local ids."""
-        return self.encode_batch(sample[None] if isinstance(sample, Tensor) and sample.ndim == 3
-                                 else sample)[0]
+        return self.encode_batch(sample)[0]
 
     def encode_batch(self, images: Tensor) -> Tensor:
         """(N, C, H, W) uint8 -> (N, length) local ids."""
-        if not isinstance(images, Tensor) or images.ndim != 4:
-            _check_image(images, self.channels, self.image_size, "PixelTokenizer")
-        for image in images[:1]:
-            _check_image(image, self.channels, self.image_size, "PixelTokenizer")
+        images = _check_batch(images, self.channels, self.image_size, "PixelTokenizer.encode")
         return torch.stack([self.layout.to_stream(g) for g in self.grid(images)])
 
     def decode(self, ids: Tensor) -> Tensor:
@@ -259,14 +251,12 @@ class VQTokenizer:
 
     def encode(self, sample: Tensor) -> Tensor:
         """(C, H, W) uint8 image -> (length,) local ids."""
-        _check_image(sample, self.channels, self.image_size, "VQTokenizer")
-        return self.encode_batch(sample[None])[0]
+        return self.encode_batch(sample)[0]
 
     @torch.inference_mode()
     def encode_batch(self, images: Tensor, batch_size: int = 256) -> Tensor:
         """(N, C, H, W) uint8 -> (N, length) local ids."""
-        for image in images[:1]:
-            _check_image(image, self.channels, self.image_size, "VQTokenizer")
+        images = _check_batch(images, self.channels, self.image_size, "VQTokenizer.encode")
         codes = torch.cat([self.model.encode(b) for b in images.split(batch_size)])  # (N, h, w)
         return torch.stack([self.layout.to_stream(c[..., None]) for c in codes])
 
