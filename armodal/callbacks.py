@@ -11,8 +11,8 @@ import lightning as L
 import torch
 
 from armodal.generation import DecodingConfig, generate
-from armodal.tokenizers.base import Tokenizer
 from armodal.textgen import decode_text, decoding_for, encode_prompt
+from armodal.tokenizers.base import Tokenizer
 from armodal.tokenizers.space import TokenSpace
 
 

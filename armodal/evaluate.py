@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 
 from armodal.checkpoint import LoadedRun, load_run
-from armodal.data.shards import build_or_load_shards
 from armodal.data.image_module import ImageDataModule
+from armodal.data.shards import build_or_load_shards
 from armodal.data.sources import TextSource
 from armodal.lit import bits_per_unit, nll_sums
 
