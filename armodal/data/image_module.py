@@ -18,7 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from armodal.data.images import ImageSet, ImageSource, split_images
 from armodal.tokenizers.space import TokenSpace
@@ -199,10 +199,9 @@ class ImageDataModule(L.LightningDataModule):
         return self._loader(self.train_set, shuffle=True, generator=gen, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
-        n = len(self.val_sequences)
-        dataset: Dataset = ConditionDropout(self.val_sequences, 0.0, None, -1, self.seed)
-        if self.val_batches is not None and self.val_batches * self.batch_size < n:
-            dataset = Subset(dataset, range(self.val_batches * self.batch_size))
+        dataset = self.val_sequences  # (N, L): every image with its true class
+        if self.val_batches is not None:
+            dataset = dataset[:self.val_batches * self.batch_size]
         return self._loader(dataset, shuffle=False, drop_last=False)
 
     def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
