@@ -336,3 +336,25 @@ def test_samples_are_logged_to_wandb_as_images(tmp_path, monkeypatch):
     train(cfg)
     logged = list((tmp_path / "run" / "wandb").glob("offline-run-*/files/media/images/*.png"))
     assert logged, "no sample image reached wandb"
+
+
+def test_image_folder_with_a_palette_fitted_on_the_train_split(tmp_path):
+    from armodal.data.images import ImageFolderImages
+
+    colours = [(255, 0, 0), (0, 200, 0), (0, 0, 255), (240, 240, 240)]
+    gen = torch.Generator().manual_seed(0)
+    for label in ("cats", "dogs"):
+        (tmp_path / label).mkdir()
+        for i in range(6):
+            pick = torch.randint(0, 4, (12, 12), generator=gen)
+            pixels = torch.tensor(colours, dtype=torch.uint8)[pick].numpy()
+            Image.fromarray(pixels).save(tmp_path / label / f"{i}.png")
+    tok = PixelTokenizer(8, 3, color="palette", n_colors=4)
+    dm = ImageDataModule(ImageFolderImages(str(tmp_path), size=8), tok, batch_size=4,
+                         val_fraction=0.25, conditional=True)
+    dm.setup()
+    assert tok.is_fitted and dm.layout.classes == ["cats", "dogs"]
+    assert dm.train_sequences.shape == (9, 3 + 64 + 2) and dm.units()[0] == 3.0
+    grid = sample_images(tiny_model(dm.space.vocab_size, dm.seq_len), tok, dm.layout, [0, 1],
+                         GREEDY)
+    assert grid.shape == (2, 3, 8, 8)
