@@ -10,10 +10,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from armodal.data.image_module import ImageLayout
+from armodal.data.image_module import ImageDataModule, ImageLayout
 from armodal.generation import DecodingConfig, generate
 
-__all__ = ["image_step_masks", "sample_images", "save_grid"]
+__all__ = ["completion_prefix", "generate_grid", "image_step_masks", "sample_images",
+           "save_grid"]
 
 
 def image_step_masks(layout: ImageLayout, tokenizer: Any, start: int = 0) -> Tensor:
@@ -153,8 +154,6 @@ def generate_grid(run: Any, decoding: DecodingConfig, classes: Any = "all", num_
         images = sample_images(run.model, run.tokenizer, layout, labels, decoding,
                                progress=progress)
         return save_grid(images, path, nrow=num_images), num_images
-    from armodal.data.image_module import ImageDataModule
-
     dm = ImageDataModule.for_run(run.meta["train_config"], run.tokenizer, run.space)
     val = dm.val_images.subset(torch.arange(min(num_images, len(dm.val_images))))
     prefix = completion_prefix(run.tokenizer, val.images, complete_rows)
