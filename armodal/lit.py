@@ -14,6 +14,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from armodal.model import ModelConfig, Transformer
 
 IGNORE_INDEX = -100
+NONFINITE_MODES = ("skip", "stop")
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 100,
@@ -56,13 +57,20 @@ class ARModule(L.LightningModule):
     each standing for `units_per_token` units; e.g. an image's code tokens, so that structure
     tokens (<boi>, end of row, the class) stay out of bits per dimension. The loss and
     perplexity still cover every target.
+    `nonfinite`: what a NaN / inf loss or gradient does: "skip" drops that step's update and
+    counts it (`train/skipped_steps`), "stop" ends the run with FloatingPointError, leaving the
+    last good checkpoint as it was.
     """
 
     def __init__(self, model_config: ModelConfig, optimizer: Callable[..., torch.optim.Optimizer],
                  scheduler: Callable[..., LambdaLR] | None = None, pad_id: int | None = None,
                  units_per_token: float = 1.0, unit: str = "token", compile: bool = False,
-                 unit_ids: tuple[int, int] | None = None):
+                 unit_ids: tuple[int, int] | None = None, nonfinite: str = "skip"):
         super().__init__()
+        if nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"nonfinite={nonfinite!r}; allowed: {', '.join(NONFINITE_MODES)}")
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0
         self.model_config = model_config
         self.model = Transformer(model_config)
         self.optimizer_factory = optimizer
@@ -98,10 +106,26 @@ class ARModule(L.LightningModule):
         count = (targets != IGNORE_INDEX).sum()
         return nll.sum() / count.clamp(min=1), count
 
-    def training_step(self, batch: Tensor | dict, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Tensor | dict, batch_idx: int) -> Tensor | None:
         loss, _ = self.loss(batch)
+        if not torch.isfinite(loss):
+            return self._nonfinite(f"loss {loss.item()}")  # None: Lightning skips the update
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+            self._nonfinite("gradient")
+            optimizer.zero_grad(set_to_none=True)  # no gradient, no update for this step
+
+    def _nonfinite(self, what: str) -> None:
+        if self.nonfinite == "stop":
+            raise FloatingPointError(f"non-finite {what} at step {self.global_step}; the run "
+                                     f"stops (nonfinite=stop; nonfinite=skip drops such steps). "
+                                     f"The last checkpoint saved before it is kept.")
+        self.skipped_steps += 1
+        self.log("train/skipped_steps", float(self.skipped_steps))
 
     def on_validation_epoch_start(self) -> None:
         # (all targets' NLL, their count, unit targets' NLL, their count)

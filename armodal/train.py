@@ -72,7 +72,7 @@ def train(cfg: DictConfig) -> TrainResult:
     module = ARModule(model_config, optimizer=instantiate(cfg.optim.optimizer),
                       scheduler=instantiate(cfg.optim.scheduler), pad_id=space.pad_id,
                       units_per_token=units_per_token, unit=unit, unit_ids=unit_ids,
-                      compile=cfg.compile)
+                      compile=cfg.compile, nonfinite=cfg.nonfinite)
 
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     decoding = instantiate(cfg.decoding)
