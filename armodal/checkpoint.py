@@ -86,6 +86,30 @@ def run_config(model: Transformer, space: TokenSpace, tokenizer: Tokenizer,
     return config
 
 
+def instantiate_from_run(node: dict, what: str):
+    """Build an object a run's config.json describes (a data source), refusing every
+    `_target_` outside armodal, at any depth: a run directory is data someone may hand you, and
+    Hydra would import and call a nested target such as os.system."""
+    from hydra.utils import instantiate
+
+    def check(value, path: str) -> None:
+        if isinstance(value, dict):
+            target = value.get("_target_")
+            if target is not None and not str(target).startswith("armodal."):
+                raise ValueError(f"run config names {path}._target_={target!r}; only "
+                                 f"armodal's own classes are built from a run directory")
+            for key, item in value.items():
+                check(item, f"{path}.{key}")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                check(item, f"{path}[{i}]")
+
+    if not isinstance(node, dict) or "_target_" not in node:
+        raise ValueError(f"run config has no {what} to rebuild (expected a dict with _target_)")
+    check(node, what)
+    return instantiate(node)
+
+
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu",
              quantize: str | None = None) -> LoadedRun:
     """Rebuild model, TokenSpace and tokenizer from a run directory written by save_run.

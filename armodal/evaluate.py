@@ -8,9 +8,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 
-from armodal.checkpoint import LoadedRun, load_run
+from armodal.checkpoint import LoadedRun, instantiate_from_run, load_run
 from armodal.data.image_module import ImageDataModule
 from armodal.data.shards import build_or_load_shards
 from armodal.data.sources import TextSource
@@ -77,13 +76,10 @@ def _evaluate_images(run: LoadedRun, batch_size: int, max_batches: int | None) -
 
 def _val_split(run: LoadedRun) -> tuple[np.ndarray, float, str]:
     domain = run.meta["train_config"]["domain"]
-    source_cfg = domain["source"]
-    if not str(source_cfg.get("_target_", "")).startswith("armodal."):
-        raise ValueError(f"run config names source {source_cfg.get('_target_')!r}; only "
-                         f"armodal's own sources are rebuilt from a run directory")
+    source = instantiate_from_run(domain["source"], "domain.source")
     data = domain["data"]
     # Same cache key as training (the fitted tokenizer state is not part of it): no re-tokenizing.
-    shards = build_or_load_shards(instantiate(source_cfg), run.tokenizer, run.space,
+    shards = build_or_load_shards(source, run.tokenizer, run.space,
                                   cache_dir=data["cache_dir"], val_fraction=data["val_fraction"],
                                   split=data["split"], seed=run.meta["train_config"]["seed"])
     return np.asarray(shards.val), shards.units_per_token("val"), "val split"

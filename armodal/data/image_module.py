@@ -136,13 +136,10 @@ class ImageDataModule(L.LightningDataModule):
     @classmethod
     def for_run(cls, train_config: dict, tokenizer: Any, space: TokenSpace) -> ImageDataModule:
         """The data module a run was trained on, rebuilt from its config with its tokenizer."""
-        from hydra.utils import instantiate
+        from armodal.checkpoint import instantiate_from_run
 
-        images = train_config["domain"]["images"]
-        if not str(images.get("_target_", "")).startswith("armodal."):
-            raise ValueError(f"run config names image source {images.get('_target_')!r}; only "
-                             f"armodal's own sources are rebuilt from a run directory")
-        dm = cls(instantiate(images), tokenizer, seed=train_config["seed"],
+        images = instantiate_from_run(train_config["domain"]["images"], "domain.images")
+        dm = cls(images, tokenizer, seed=train_config["seed"],
                  **train_config["domain"]["data"])
         if dm.prepare_shards().space.to_dict() != space.to_dict():
             raise ValueError(f"the run's data now gives the token space "
