@@ -26,7 +26,7 @@ from torch import Tensor
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 from torchvision.transforms.v2 import functional as TF
 
-from armodal.data.sources import _fingerprint
+from armodal.data.sources import fingerprint_files
 
 __all__ = [
     "DigitsImages",
@@ -157,7 +157,7 @@ class DigitsImages:
         """The settings and the scikit-learn version that bundles the data."""
         settings = {"class": "DigitsImages", "size": self.size, "channels": self.channels,
                     "sklearn": sklearn.__version__}
-        return _fingerprint([], settings)
+        return fingerprint_files([], settings)
 
     def __repr__(self) -> str:
         return f"DigitsImages(size={self.size}, channels={self.channels})"
@@ -277,7 +277,7 @@ class MNISTImages:
         settings = {"class": "MNISTImages", "root": os.path.abspath(image_file.parent),
                     "split": split, "size": self.size, "channels": self.channels,
                     "limit": self.limit}
-        return _fingerprint(entries, settings)
+        return fingerprint_files(entries, settings)
 
     def __repr__(self) -> str:
         return f"MNISTImages(root={self.root!r}, split={self.split!r}, size={self.size})"
@@ -348,7 +348,7 @@ class ImageFolderImages:
                    for f, _ in self._files()[1]]
         settings = {"class": "ImageFolderImages", "root": os.path.abspath(root),
                     "size": self.size, "channels": self.channels}
-        return _fingerprint(entries, settings)
+        return fingerprint_files(entries, settings)
 
     def __repr__(self) -> str:
         return f"ImageFolderImages(root={self.root!r}, size={self.size})"
@@ -405,7 +405,7 @@ class PhotoCrops:
         """The settings and the scikit-learn version that bundles the photos."""
         settings = {"class": "PhotoCrops", "n": self.n, "size": self.size,
                     "channels": self.channels, "seed": self.seed, "sklearn": sklearn.__version__}
-        return _fingerprint([], settings)
+        return fingerprint_files([], settings)
 
     def __repr__(self) -> str:
         return f"PhotoCrops(n={self.n}, size={self.size}, seed={self.seed})"

@@ -62,7 +62,8 @@ def _read(entries: list[_Entry]) -> Iterator[tuple[str, str]]:
         yield name, data.decode("utf-8", errors="replace")
 
 
-def _fingerprint(entries: list[_Entry], settings: dict) -> str:
+def fingerprint_files(entries: list[_Entry], settings: dict) -> str:
+    """sha256 over the settings and each entry's (name, size, mtime); reads no content."""
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for path, name, size in sorted(entries, key=lambda e: e[1]):
         h.update(f"\0{name}\0{size}\0{path.stat().st_mtime_ns}".encode())
@@ -136,7 +137,7 @@ class TextSource:
             "max_files": self.max_files,
             "max_bytes": self.max_bytes,
         }
-        return _fingerprint(self._entries(), settings)
+        return fingerprint_files(self._entries(), settings)
 
     def __repr__(self) -> str:
         return f"TextSource(path={self.path!r}, pattern={self.pattern!r})"
@@ -190,7 +191,7 @@ class StdlibSource:
             "max_bytes": self.max_bytes,
             "include_tests": self.include_tests,
         }
-        return _fingerprint(self._entries(), settings)
+        return fingerprint_files(self._entries(), settings)
 
     def __repr__(self) -> str:
         return f"StdlibSource(max_files={self.max_files}, include_tests={self.include_tests})"
