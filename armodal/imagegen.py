@@ -109,13 +109,7 @@ def completion_prefix(tokenizer: Any, images: Tensor, keep_rows: int) -> Tensor:
     if not 0 < keep_rows < grid.height:
         raise ValueError(f"keep_rows={keep_rows}: keep between 1 and {grid.height - 1} of the "
                          f"image's {grid.height} rows of codes")
-    steps = grid.steps()
-    head = 2 if grid.size_tokens else 0
-    row_len = (len(steps) - head) // grid.height
-    encode_batch = getattr(tokenizer, "encode_batch", None)
-    streams = encode_batch(images) if encode_batch else \
-        torch.stack([tokenizer.encode(i) for i in images])
-    return streams[:, :head + keep_rows * row_len]
+    return tokenizer.encode_batch(images)[:, :grid.prefix_length(keep_rows)]
 
 
 def requested_labels(layout: ImageLayout, classes: Any, per_class: int) -> list[int | None]:

@@ -70,11 +70,8 @@ def image_space(tokenizer: Any, classes: list[str] | None) -> TokenSpace:
 
 def image_sequences(layout: ImageLayout, tokenizer: Any, data: ImageSet) -> Tensor:
     """(N, L) int64 global ids: each image's prefix, codes, <eoi>, <eos>."""
-    encode_batch = getattr(tokenizer, "encode_batch", None)
-    local = encode_batch(data.images) if encode_batch else \
-        torch.stack([tokenizer.encode(image) for image in data.images])  # (N, S)
     s = layout.space
-    codes = local + s.offset("image")
+    codes = tokenizer.encode_batch(data.images) + s.offset("image")  # (N, S)
     labels = data.labels.tolist() if layout.conditional else [None] * len(data)
     prefix = torch.tensor([layout.prefix(y) for y in labels])  # (N, 2 or 3)
     tail = torch.tensor([s.special_ids["<eoi>"], s.eos_id]).expand(len(data), 2)
@@ -132,6 +129,7 @@ class ImageDataModule(L.LightningDataModule):
         self.val_batches = val_batches
         self.layout: ImageLayout | None = None
         self.space: TokenSpace | None = None
+        self.train_sequences: Tensor | None = None  # (N, L), built by setup()
 
     @classmethod
     def for_run(cls, train_config: dict, tokenizer: Any, space: TokenSpace) -> ImageDataModule:
@@ -161,16 +159,17 @@ class ImageDataModule(L.LightningDataModule):
         classes = list(data.classes) if self.conditional else None
         self.space = image_space(self.tokenizer, classes)
         self.layout = ImageLayout(self.space, self.conditional, classes)
-        self.train_sequences = image_sequences(self.layout, self.tokenizer, train)
+        # Only val is tokenized here: eval and completion rebuild the module for it alone;
+        # training tokenizes the train split in setup().
         self.val_sequences = image_sequences(self.layout, self.tokenizer, val)
-        self.val_images = val
+        self.train_images, self.val_images = train, val
         return self.layout
 
     @property
     def seq_len(self) -> int:
         """Model context: a whole image sequence but its last token (the last target)."""
         self.prepare_shards()
-        return self.train_sequences.shape[1] - 1
+        return self.val_sequences.shape[1] - 1
 
     def units(self) -> tuple[float, str, tuple[int, int]]:
         """(dims per code token, "dim", the code tokens' global id range) for bits per dim."""
@@ -183,11 +182,13 @@ class ImageDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         layout = self.prepare_shards()
+        if self.train_sequences is None:
+            self.train_sequences = image_sequences(layout, self.tokenizer, self.train_images)
         if len(self.train_sequences) < self.batch_size:
             raise ValueError(f"train split has {len(self.train_sequences)} images, fewer than "
                              f"batch_size {self.batch_size}")
         label_pos = 1 if layout.conditional else None
-        null_id = layout.space.offset("label") + layout.null_label if layout.conditional else -1
+        null_id = layout.prefix(None)[1] if layout.conditional else -1
         self.train_set = ConditionDropout(self.train_sequences, self.cond_dropout, label_pos,
                                           null_id, self.seed)
 

@@ -68,17 +68,25 @@ class GridLayout:
         head = [self.size_id(self.height), self.size_id(self.width)] if self.size_tokens else []
         return head + row * self.height
 
+    def prefix_length(self, rows: int) -> int:
+        """Stream positions up to and including the first `rows` grid rows."""
+        return 2 * self.size_tokens + rows * (self.width * self.per_cell + self.row_end)
+
     @property
     def length(self) -> int:
-        return len(self.steps())
+        return self.prefix_length(self.height)
 
     def to_stream(self, grid: Tensor) -> Tensor:
-        """(height, width, per_cell) int64 codes -> (length,) local ids."""
-        rows = grid.reshape(self.height, self.width * self.per_cell)
+        """(..., height, width, per_cell) int64 codes -> (..., length) local ids."""
+        lead = grid.shape[:-3]
+        rows = grid.reshape(*lead, self.height, self.width * self.per_cell)
         if self.row_end:
-            rows = torch.cat([rows, torch.full((self.height, 1), self.eor_id)], 1)
-        head = torch.tensor(self.steps()[:2]) if self.size_tokens else rows.new_zeros(0)
-        return torch.cat([head, rows.reshape(-1)])
+            rows = torch.cat([rows, rows.new_full((*lead, self.height, 1), self.eor_id)], -1)
+        stream = rows.reshape(*lead, -1)
+        if self.size_tokens:
+            head = torch.tensor([self.size_id(self.height), self.size_id(self.width)])
+            stream = torch.cat([head.expand(*lead, 2), stream], -1)
+        return stream
 
     def from_stream(self, ids: Tensor, who: str) -> Tensor:
         """Inverse of `to_stream`; ValueError naming the first position that breaks the layout."""
@@ -171,13 +179,16 @@ class PixelTokenizer:
         km = KMeans(self.n_colors, n_init=1, random_state=self.seed).fit(pixels)
         self.palette = torch.from_numpy(km.cluster_centers_).round().clamp(0, 255).to(torch.uint8)
 
+    def _fitted_palette(self) -> Tensor:
+        if self.palette is None:
+            raise ValueError("PixelTokenizer(color='palette') is not fitted; call fit()")
+        return self.palette
+
     def grid(self, images: Tensor) -> Tensor:
         """(N, C, H, W) uint8 -> (N, H, W, per_cell) int64 codes."""
         if self.color == "palette":
-            if self.palette is None:
-                raise ValueError("PixelTokenizer(color='palette') is not fitted; call fit()")
             pixels = images.permute(0, 2, 3, 1).float()  # (N, H, W, 3)
-            dist = torch.cdist(pixels.reshape(len(images), -1, 3), self.palette.float())
+            dist = torch.cdist(pixels.reshape(len(images), -1, 3), self._fitted_palette().float())
             return dist.argmin(-1).reshape(*pixels.shape[:3], 1)
         q = (images.float() * (self.levels - 1) / 255).round().long()  # (N, C, H, W)
         return q.permute(0, 2, 3, 1)
@@ -189,15 +200,13 @@ class PixelTokenizer:
     def encode_batch(self, images: Tensor) -> Tensor:
         """(N, C, H, W) uint8 -> (N, length) local ids."""
         images = _check_batch(images, self.channels, self.image_size, "PixelTokenizer.encode")
-        return torch.stack([self.layout.to_stream(g) for g in self.grid(images)])
+        return self.layout.to_stream(self.grid(images))
 
     def decode(self, ids: Tensor) -> Tensor:
         """(length,) local ids -> (C, H, W) uint8 image."""
         grid = self.layout.from_stream(ids, "PixelTokenizer")  # (H, W, per_cell)
         if self.color == "palette":
-            if self.palette is None:
-                raise ValueError("PixelTokenizer(color='palette') is not fitted; call fit()")
-            return self.palette[grid[..., 0]].permute(2, 0, 1).contiguous()
+            return self._fitted_palette()[grid[..., 0]].permute(2, 0, 1).contiguous()
         values = (grid.float() * 255 / (self.levels - 1)).round().to(torch.uint8)
         return values.permute(2, 0, 1).contiguous()
 
@@ -258,7 +267,7 @@ class VQTokenizer:
         """(N, C, H, W) uint8 -> (N, length) local ids."""
         images = _check_batch(images, self.channels, self.image_size, "VQTokenizer.encode")
         codes = torch.cat([self.model.encode(b) for b in images.split(batch_size)])  # (N, h, w)
-        return torch.stack([self.layout.to_stream(c[..., None]) for c in codes])
+        return self.layout.to_stream(codes[..., None])
 
     @torch.inference_mode()
     def decode(self, ids: Tensor) -> Tensor:
