@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 SHAKESPEARE ?= ../shared/data/tinyshakespeare/input.txt
 
-.PHONY: setup demo test test-slow bench bench-suite clean
+.PHONY: setup demo test test-slow bench bench-suite speech clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,13 @@ bench: $(STAMP)  ## char-level shakespeare against wall-clock (needs the data fi
 
 bench-suite: $(STAMP)  ## armodal vs transformers: training, decoding, speculative, quantized (~1 h first run)
 	$(BIN)/python bench/suite.py $(ARGS)
+
+speech:  ## espeak-ng (Debian package) for the audio recipes' speech corpus; needs apt rights
+	command -v espeak-ng >/dev/null || { apt-get install -y espeak-ng 2>/dev/null || \
+	  sudo apt-get install -y espeak-ng; } || \
+	  { echo "install espeak-ng (Debian/Ubuntu: apt-get install espeak-ng), or train the audio \
+	recipes on your own files: domain.audio._target_=armodal.data.audio.AudioFolder \
+	domain.audio.root=<dir>"; exit 1; }
 
 clean:
 	rm -rf $(VENV) runs

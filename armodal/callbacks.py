@@ -118,6 +118,45 @@ class SampleImages(L.Callback):
                 logger.log_image("samples", [str(png)], step=trainer.global_step)
 
 
+class SampleAudio(L.Callback):
+    """After each validation: `count` clips of `seconds` (null: the training clip length, or
+    up to a quarter second of mu-law audio), written as `<path>/step_XXXXXX_<i>.wav` with a spectrogram
+    PNG beside each, and logged to wandb as audio."""
+
+    def __init__(self, tokenizer: Tokenizer, layout, decoding: DecodingConfig, path: str,
+                 count: int = 2, seconds: float | None = None):
+        self.tokenizer, self.layout, self.decoding = tokenizer, layout, decoding
+        self.path, self.count, self.seconds = Path(path), count, seconds
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        from armodal.audiogen import sample_audio, write_clips
+
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        seconds = self.seconds or clip_seconds(pl_module.model, self.layout, self.tokenizer)
+        waves = sample_audio(pl_module.model, self.tokenizer, self.layout, self.count, seconds,
+                             self.decoding)
+        rate = self.tokenizer.sample_rate
+        wavs = write_clips(waves, rate, self.path, f"step_{trainer.global_step:06d}")
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_audio"):  # wandb
+                logger.log_audio("samples", [str(w) for w in wavs], step=trainer.global_step,
+                                 sample_rate=[rate] * len(wavs))
+
+
+def clip_seconds(model: torch.nn.Module, layout, tokenizer) -> float:
+    """A codec run's training clip length; for mu-law a quarter second, or what the context
+    holds when that is less and the model has no sliding window."""
+    room = model.config.max_seq_len - 2  # after <bos> <boa>
+    if layout.pattern is not None:
+        # A training sequence: <bos> <boa> codes <eoa> <eos>, and the context is all but one.
+        return layout.pattern.frames(room - 1) / tokenizer.frame_rate
+    # A quarter second: a sample per step makes longer clips slow for every validation. A
+    # sliding-window model gets it past its context (rolling cache), others only what fits.
+    quarter = tokenizer.sample_rate // 4
+    return (quarter if model.config.sliding_window else min(room, quarter)) / tokenizer.frame_rate
+
+
 class WallClock(L.Callback):
     """Training wall-clock with validation time taken out, and tokens/s; logged at validation.
 

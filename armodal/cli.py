@@ -6,6 +6,7 @@
     armodal eval run=<dir> [data=<file|folder|glob>] [quantize=int8|int4|bf16]
     armodal generate run=<dir> prompt="..." decoding=speculative draft_run=<smaller run dir>
     armodal generate run=<image run dir> image.classes=[3,7] decoding.cfg_scale=2   (PNG grid)
+    armodal generate run=<audio run dir> audio.seconds=2 audio.prompt=val   (WAV + PNG files)
 """
 
 from __future__ import annotations
@@ -108,6 +109,8 @@ def run_generate(args: list[str]) -> None:
     run = load_run(cfg.run, cfg.device, quantize=cfg.quantize)
     if run.tokenizer.modality == "image":
         return generate_image_grid(run, cfg, decoding, bool(raw) or cfg.prompt_file is not None)
+    if run.tokenizer.modality == "audio":
+        return generate_audio_files(run, cfg, decoding, bool(raw) or cfg.prompt_file is not None)
     draft = None if cfg.draft_run is None else load_run(cfg.draft_run, cfg.device,
                                                         quantize=cfg.quantize)
     if cfg.format == "text" and len(prompts) == 1 and decoding.num_return_sequences == 1 \
@@ -131,6 +134,19 @@ def generate_image_grid(run, cfg, decoding, prompted: bool) -> None:
     opts = OmegaConf.to_container(cfg.image)
     path, per_row = generate_grid(run, decoding, **opts)
     print(f"wrote {path} ({per_row} images per row)")
+
+
+def generate_audio_files(run, cfg, decoding, prompted: bool) -> None:
+    from omegaconf import OmegaConf
+
+    from armodal.audiogen import generate_audio
+
+    if prompted or cfg.draft_run is not None:
+        raise UsageError(f"{run.path} is an audio run: it takes no text prompt, prompt_file or "
+                         f"draft_run; choose audio.num_samples, audio.seconds, audio.prompt "
+                         f"(a sound file or val) (see conf/generate.yaml)")
+    for path in generate_audio(run, decoding, **OmegaConf.to_container(cfg.audio)):
+        print(f"wrote {path} (+ {path.with_suffix('.png').name})")
 
 
 def run_eval(args: list[str]) -> None:

@@ -1,4 +1,5 @@
-"""evaluate(run_dir): NLL, perplexity and bits per unit on the val split or any text."""
+"""evaluate(run_dir): NLL, perplexity and bits per unit on the val split or any text (image
+and audio runs: their val split)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from armodal.checkpoint import LoadedRun, instantiate_from_run, load_run
+from armodal.data.audio_module import AudioDataModule
 from armodal.data.image_module import ImageDataModule
 from armodal.data.shards import build_or_load_shards
 from armodal.data.sources import TextSource
-from armodal.lit import bits_per_unit, nll_sums
+from armodal.lit import IGNORE_INDEX, bits_per_unit, nll_sums, shift_targets
 
 
 @dataclass
@@ -37,11 +39,14 @@ def evaluate(run_dir: str, data: str | None = None, pattern: str = "**/*", batch
     quantize: score the run's model quantized on load (armodal.quantize.QUANT_MODES), to
     measure what quantization costs against the same call without it."""
     run = load_run(run_dir, device, quantize=quantize)
-    if run.tokenizer.modality == "image":
+    if run.tokenizer.modality in ("image", "audio"):
         if data is not None:
-            raise ValueError(f"data={data!r}: image runs are scored on their own val split; "
-                             f"leave data unset")
-        return _evaluate_images(run, batch_size, max_batches)
+            raise ValueError(f"data={data!r}: {run.tokenizer.modality} runs are scored on their "
+                             f"own val split; leave data unset")
+        module = ImageDataModule if run.tokenizer.modality == "image" else AudioDataModule
+        dm = module.for_run(run.meta["train_config"], run.tokenizer, run.space)
+        dm.prepare_shards()
+        return _evaluate_sequences(run, dm.val_sequences, dm.units(), batch_size, max_batches)
     if data is None:
         tokens, units_per_token, label = _val_split(run)
     else:
@@ -54,19 +59,22 @@ def evaluate(run_dir: str, data: str | None = None, pattern: str = "**/*", batch
 
 
 @torch.inference_mode()
-def _evaluate_images(run: LoadedRun, batch_size: int, max_batches: int | None) -> EvalResult:
-    """Exact bits per dimension over the val images' code tokens (structure tokens excluded)."""
-    dm = ImageDataModule.for_run(run.meta["train_config"], run.tokenizer, run.space)
-    units_per_token, unit, unit_ids = dm.units()
+def _evaluate_sequences(run: LoadedRun, sequences: torch.Tensor, units: tuple,
+                        batch_size: int, max_batches: int | None) -> EvalResult:
+    """Exact bits per unit over val sequences (N, [K,] L) of an image or audio run: only the
+    unit tokens (image codes, audio samples or codes) count, structure tokens and the pads of
+    a stream pattern do not; the loss covers every learned target, as in training."""
+    units_per_token, unit, unit_ids = units
     sums = torch.zeros(4, dtype=torch.float64)
     device = next(run.model.parameters()).device
-    for i, batch in enumerate(dm.val_sequences.split(batch_size)):
+    for i, batch in enumerate(sequences.split(batch_size)):
         if max_batches is not None and i >= max_batches:
             break
-        batch = batch.to(device)
-        logits = run.model(batch[:, :-1])  # (B, L-1, V)
-        targets = batch[:, 1:].flatten()
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), targets, reduction="none")
+        inputs, targets = shift_targets(batch.to(device), None, run.space.pad_id)
+        logits = run.model(inputs)  # (B, [K,] L-1, V)
+        targets = targets.flatten()
+        nll = F.cross_entropy(logits.flatten(0, -2).float(), targets, reduction="none",
+                              ignore_index=IGNORE_INDEX)
         sums += nll_sums(nll, targets, unit_ids).cpu()
     total, count = sums[0].item(), int(sums[1].item())
     bits = bits_per_unit(*sums, units_per_token, unit_ids)

@@ -13,9 +13,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from armodal.callbacks import SampleImages, SampleText
+from armodal.callbacks import SampleAudio, SampleImages, SampleText
 from armodal.checkpoint import save_run
 from armodal.data import TokenDataModule
+from armodal.data.audio_module import AudioDataModule
 from armodal.data.image_module import ImageDataModule
 from armodal.lit import ARModule
 from armodal.loggers import finish_runs
@@ -49,11 +50,16 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
 def train(cfg: DictConfig) -> TrainResult:
     """Tokenize (cached), build the model at the TokenSpace's vocab size, fit, export.
 
-    A config with `task: codec` trains a neural tokenizer instead (armodal.codecs.train)."""
+    A config with `task: codec` trains a neural image tokenizer instead (armodal.codecs.train),
+    `task: audio_codec` a neural audio codec (armodal.codecs.audio_train)."""
     if cfg.get("task") == "codec":
         from armodal.codecs.train import train_codec
 
         return train_codec(cfg)
+    if cfg.get("task") == "audio_codec":
+        from armodal.codecs.audio_train import train_audio_codec
+
+        return train_audio_codec(cfg)
     start = time.perf_counter()
     run_dir = resolve_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -67,7 +73,7 @@ def train(cfg: DictConfig) -> TrainResult:
     space = datamodule.space
 
     model_config = instantiate(cfg.model, vocab_size=space.vocab_size,
-                               max_seq_len=datamodule.seq_len)
+                               max_seq_len=datamodule.seq_len, n_streams=datamodule.n_streams)
     units_per_token, unit, unit_ids = datamodule.units()
     module = ARModule(model_config, optimizer=instantiate(cfg.optim.optimizer),
                       scheduler=instantiate(cfg.optim.scheduler), pad_id=space.pad_id,
@@ -107,9 +113,14 @@ def train(cfg: DictConfig) -> TrainResult:
     return result
 
 
-def build_datamodule(cfg: DictConfig, tokenizer) -> TokenDataModule | ImageDataModule:
-    """Text domains name a document `source`; image domains name an image source `images`."""
+def build_datamodule(cfg: DictConfig, tokenizer) -> TokenDataModule | ImageDataModule \
+        | AudioDataModule:
+    """Text domains name a document `source`, image domains an image source `images`, audio
+    domains an audio source `audio`."""
     domain = cfg.domain
+    if "audio" in domain:
+        return AudioDataModule(audio=instantiate(domain.audio), tokenizer=tokenizer,
+                               seed=cfg.seed, **domain.data)
     if "images" in domain:
         return ImageDataModule(images=instantiate(domain.images), tokenizer=tokenizer,
                                seed=cfg.seed, **domain.data)
@@ -118,7 +129,11 @@ def build_datamodule(cfg: DictConfig, tokenizer) -> TokenDataModule | ImageDataM
 
 
 def sample_callback(cfg: DictConfig, datamodule, decoding, run_dir: Path) -> L.Callback:
-    """Samples after each validation: an image grid PNG, or text appended to samples.txt."""
+    """Samples after each validation: an image grid PNG, WAV + spectrogram PNG files, or text
+    appended to samples.txt."""
+    if isinstance(datamodule, AudioDataModule):
+        return SampleAudio(datamodule.tokenizer, datamodule.layout, decoding,
+                           path=str(run_dir / "samples"))
     if isinstance(datamodule, ImageDataModule):
         return SampleImages(datamodule.tokenizer, datamodule.layout, decoding,
                             path=str(run_dir / "samples"))

@@ -60,3 +60,18 @@ def tiny_codec(tmp_path_factory) -> Path:
                   hidden=8, res_blocks=0)
     return save_codec(tmp_path_factory.mktemp("codec") / "codec", model.eval(),
                       meta={"image_size": [28, 28]})
+
+
+@pytest.fixture(scope="session")
+def tiny_audio_codec(tmp_path_factory) -> Path:
+    """An untrained (random) 8 kHz audio codec directory, hop 20, 3 levels of 16 codes."""
+    import torch
+
+    from armodal.codecs.artefact import save_codec
+    from armodal.codecs.audio_codec import AudioCodec
+    from armodal.codecs.rvq import ResidualVQ
+
+    torch.manual_seed(0)
+    model = AudioCodec(ResidualVQ(3, 16, 8, kmeans_init=False), sample_rate=8000,
+                       strides=(4, 5), channels=4, dilations=(1,))
+    return save_codec(tmp_path_factory.mktemp("audio_codec") / "codec", model.eval())

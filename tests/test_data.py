@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from armodal.data import StdlibSource, TextSource, TokenDataModule, WindowDataset, build_or_load_shards
+from armodal.data import (
+    StdlibSource,
+    TextSource,
+    TokenDataModule,
+    WindowDataset,
+    build_or_load_shards,
+)
 from armodal.tokenizers.space import TokenSpace
 from armodal.tokenizers.text import BPETokenizer, ByteTokenizer, CharTokenizer
 

@@ -22,10 +22,11 @@ REQUIRED = {"text_char": ["domain.source.path=README.md"],
 
 
 @pytest.fixture
-def required(tiny_codec):
+def required(tiny_codec, tiny_audio_codec):
     """The overrides a domain needs to compose: its data path, and a codec for VQ domains."""
     def overrides(domain: str) -> list[str]:
-        codec = [f"domain.tokenizer.codec={tiny_codec}"] if domain.endswith("_vq") else []
+        codec = [f"domain.tokenizer.codec={tiny_codec}"] if domain.endswith("_vq") else \
+            [f"domain.tokenizer.codec={tiny_audio_codec}"] if domain.endswith("_codes") else []
         return REQUIRED.get(domain, []) + codec
     return overrides
 
@@ -43,6 +44,8 @@ def instantiate_all(cfg, tmp_path: Path) -> None:
     assert isinstance(model_config, ModelConfig)
     if tokenizer.modality == "image":
         instantiate(cfg.domain.images)  # lazily: the data need not exist to compose
+    elif tokenizer.modality == "audio":
+        instantiate(cfg.domain.audio)  # lazily: a speech corpus is built at load()
     else:
         assert tokenizer.modality == "text"
         instantiate(cfg.domain.source)
@@ -64,7 +67,7 @@ def test_recipes_exist():
 def lm_recipes() -> list[str]:
     """Recipes that train a language model (codec recipes are composed in test_codecs)."""
     return [r for r in available_recipes()
-            if compose_config(RECIPES_DIR, r, []).get("task") != "codec"]
+            if compose_config(RECIPES_DIR, r, []).get("task") not in ("codec", "audio_codec")]
 
 
 @pytest.mark.parametrize("recipe", lm_recipes())

@@ -56,6 +56,8 @@ class TokenDataModule(L.LightningDataModule):
     val_batches caps validation to that many batches of evenly spaced windows (deterministic).
     """
 
+    n_streams = 1  # token streams per model step
+
     def __init__(
         self,
         source: DocumentSource,

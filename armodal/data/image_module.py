@@ -112,6 +112,8 @@ class ImageDataModule(L.LightningDataModule):
     TokenSpace. Batches are (B, L) int64 global ids.
     """
 
+    n_streams = 1  # token streams per model step
+
     def __init__(self, images: ImageSource, tokenizer: Any, batch_size: int,
                  val_fraction: float = 0.2, split: str = "random", conditional: bool = False,
                  cond_dropout: float = 0.1, num_workers: int = 0, seed: int = 0,

@@ -27,6 +27,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 from torchvision.transforms.v2 import functional as TF
 
 from armodal.data.sources import fingerprint_files
+from armodal.data.splits import split_indices
 
 __all__ = [
     "DigitsImages",
@@ -414,23 +415,6 @@ class PhotoCrops:
 def split_images(
     data: ImageSet, val_fraction: float, method: str = "random", seed: int = 0
 ) -> tuple[ImageSet, ImageSet]:
-    """Split into (train, val) with round(N * val_fraction) val images, each in original order.
-
-    "random": the first val images of a seeded permutation; "tail": the last val images
-    (a fixed held-out block, e.g. MNIST's 9,000 / 1,000 split of its test file).
-    """
-    if method not in ("random", "tail"):
-        raise ValueError(f"split_images: method must be 'random' or 'tail', got {method!r}")
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"split_images: val_fraction must be in (0, 1), got {val_fraction}")
-    n = len(data)
-    n_val = round(n * val_fraction)
-    if not 0 < n_val < n:
-        raise ValueError(f"split_images: val_fraction={val_fraction} of {n} images gives "
-                         f"{n_val} val and {n - n_val} train; both must be non-empty")
-    if method == "tail":
-        train_idx, val_idx = torch.arange(n - n_val), torch.arange(n - n_val, n)
-    else:
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-        train_idx, val_idx = order[n_val:].sort().values, order[:n_val].sort().values
-    return data.subset(train_idx), data.subset(val_idx)
+    """(train, val) images, each in original order (armodal.data.splits.split_indices)."""
+    train, val = split_indices(len(data), val_fraction, method, seed, "split_images (images)")
+    return data.subset(train), data.subset(val)

@@ -24,6 +24,7 @@ from armodal.generation.processors import (
     typical_filter,
 )
 from armodal.generation.stopping import StopChecker
+from armodal.generation.streams import generate_codes
 
 __all__ = [
     "DecodingConfig",
@@ -32,6 +33,7 @@ __all__ = [
     "StopChecker",
     "generate",
     "stream",
+    "generate_codes",
     "fit_to_context",
     "apply_allowed_mask",
     "apply_temperature",

@@ -15,8 +15,9 @@ Prompts = Sequence[Sequence[int]] | Tensor
 
 def check_single_stream(model: nn.Module) -> None:
     if model.config.n_streams != 1:
-        raise ValueError(f"model has n_streams={model.config.n_streams}; multi-stream decoding "
-                         "comes with stream patterns, only n_streams=1 is supported now")
+        raise ValueError(f"model has n_streams={model.config.n_streams}; this decoder takes "
+                         "n_streams=1; multi-stream models decode with "
+                         "armodal.generation.streams.generate_codes under a stream pattern")
 
 
 def id_lists(prompts: Prompts, vocab: int) -> list[list[int]]:

@@ -241,10 +241,10 @@ class VQTokenizer:
     lossless = False
 
     def __init__(self, codec: str, row_end: bool = False, size_tokens: bool = False) -> None:
-        from armodal.codecs.artefact import load_codec
+        from armodal.codecs.artefact import KIND, load_codec
 
         self.path = Path(codec).expanduser()
-        self.model, self.meta = load_codec(self.path)
+        self.model, self.meta = load_codec(self.path, kind=KIND)
         self.channels = int(self.meta["channels"])
         self.image_size = image_shape(self.meta["image_size"])
         h, w = self.model.grid(*self.image_size)
@@ -282,12 +282,9 @@ class VQTokenizer:
         return {"codec_sha256": self.codec_sha256}
 
     def load_state_dict(self, state: dict) -> None:
-        want = state.get("codec_sha256")
-        if want is not None and want != self.codec_sha256:
-            raise ValueError(f"codec {str(self.path)!r} has weights sha256 {self.codec_sha256[:12]}"
-                             f"..., but this model was trained on codes of a codec with "
-                             f"{want[:12]}...; point codec= at the tokenizer the run was "
-                             f"trained with")
+        from armodal.codecs.artefact import check_codec_state
+
+        check_codec_state(self.path, self.codec_sha256, state)
 
     def config(self) -> dict:
         return {"target": _target(self), "init": dict(self._init), "state": self.state_dict()}

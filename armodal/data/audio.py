@@ -1,0 +1,220 @@
+"""Raw audio sources: where sound comes from before an audio tokenizer sees it.
+
+Everywhere in armodal a waveform is a float32 tensor in [-1, 1], mono. A source's `load()`
+returns fixed-length clips stacked as an `AudioSet` (N, S) at one sample rate, with the
+transcript of each clip where one is known (speech).
+
+Sources read files lazily (at `load()` / `fingerprint()` time, not at construction) so that
+Hydra configs naming data that is not on this machine still compose and instantiate.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import soundfile as sf
+import torch
+import torchaudio.functional as AF
+from torch import Tensor
+
+from armodal.data.sources import fingerprint_files
+from armodal.data.splits import split_indices
+
+__all__ = ["AUDIO_EXTENSIONS", "AudioFolder", "AudioSet", "AudioSource", "SyntheticTones",
+           "cut_clips", "read_audio", "read_native", "resample_many",
+           "split_audio"]
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
+MONO_MODES = ("mix", "refuse")
+
+
+@dataclass
+class AudioSet:
+    """Clips (N, S) float32 in [-1, 1] at `sample_rate`; `transcripts[i]` is clip i's text."""
+
+    clips: Tensor
+    sample_rate: int
+    transcripts: list[str] | None
+    name: str
+
+    def __post_init__(self) -> None:
+        if self.clips.dim() != 2 or self.clips.dtype != torch.float32:
+            raise ValueError(f"AudioSet {self.name!r}: clips must be float32 (N, S), got "
+                             f"{self.clips.dtype} {tuple(self.clips.shape)}")
+        if self.transcripts is not None and len(self.transcripts) != len(self.clips):
+            raise ValueError(f"AudioSet {self.name!r}: {len(self.transcripts)} transcripts for "
+                             f"{len(self.clips)} clips")
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    @property
+    def seconds(self) -> float:
+        """Length of one clip in seconds."""
+        return self.clips.shape[1] / self.sample_rate
+
+    def subset(self, index: Tensor) -> AudioSet:
+        """The selected clips (int indices), same rate and name."""
+        texts = None if self.transcripts is None else [self.transcripts[i] for i in index.tolist()]
+        return AudioSet(self.clips[index], self.sample_rate, texts, self.name)
+
+
+@runtime_checkable
+class AudioSource(Protocol):
+    """Anything that loads an AudioSet and gives a cheap identity for cache keys."""
+
+    def load(self) -> AudioSet:
+        ...
+
+    def fingerprint(self) -> str:
+        ...
+
+
+def read_native(path: str | Path, mono: str = "mix") -> tuple[Tensor, int]:
+    """One file (WAV / FLAC / OGG, via soundfile) as ((S,) float32, its own sample rate).
+
+    mono="mix" averages the channels of a multi-channel file; "refuse" raises naming the file.
+    Raises ValueError naming the file when it is unreadable or holds no samples."""
+    if mono not in MONO_MODES:
+        raise ValueError(f"mono={mono!r}; allowed: {', '.join(MONO_MODES)}")
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)  # (S, channels)
+    except (sf.LibsndfileError, RuntimeError, OSError) as err:
+        raise ValueError(f"cannot read audio file {str(path)!r}: {err}") from err
+    if data.shape[0] == 0:
+        raise ValueError(f"audio file {str(path)!r} holds no samples")
+    if data.shape[1] > 1 and mono == "refuse":
+        raise ValueError(f"audio file {str(path)!r} has {data.shape[1]} channels; mono audio "
+                         f"is expected (mono=mix averages the channels)")
+    return torch.from_numpy(data).mean(dim=1), rate
+
+
+def read_audio(path: str | Path, sample_rate: int, mono: str = "mix") -> Tensor:
+    """One file as (S,) float32 in [-1, 1] at `sample_rate` (see read_native)."""
+    wave, rate = read_native(path, mono)
+    return resample_many([wave], rate, sample_rate)[0]
+
+
+def resample_many(waves: list[Tensor], rate: int, sample_rate: int) -> list[Tensor]:
+    """Resample 1-D waves of one rate in a single pass (the sinc kernel is built once, which
+    dominates for short files), clamped to [-1, 1]."""
+    if rate == sample_rate:
+        return [w.clamp(-1.0, 1.0) for w in waves]
+    # Each wave is padded to a whole number of gcd blocks so its resampled length is exact and
+    # the concatenation splits back cleanly; the padding's few samples of ringing are trimmed.
+    block = rate // math.gcd(rate, sample_rate)
+    lengths = [w.shape[0] for w in waves]
+    padded = [torch.nn.functional.pad(w, (0, -n % block)) for w, n in zip(waves, lengths)]
+    out = AF.resample(torch.cat(padded), rate, sample_rate)
+    sizes = [p.shape[0] * sample_rate // rate for p in padded]
+    return [piece[:math.ceil(n * sample_rate / rate)].clamp(-1.0, 1.0)
+            for piece, n in zip(out.split(sizes), lengths)]
+
+
+def cut_clips(wave: Tensor, clip_samples: int, min_fraction: float = 0.5) -> Tensor:
+    """(S,) -> (n, clip_samples) consecutive clips; the last one is zero-padded when it holds
+    at least min_fraction of a clip, else dropped (a wave shorter than that still gives one)."""
+    n_full, rest = divmod(wave.shape[0], clip_samples)
+    keep = n_full + int(rest >= min_fraction * clip_samples or n_full == 0)
+    padded = torch.zeros(keep * clip_samples, dtype=wave.dtype)
+    length = min(wave.shape[0], keep * clip_samples)
+    padded[:length] = wave[:length]
+    return padded.reshape(keep, clip_samples)
+
+
+def split_audio(data: AudioSet, val_fraction: float, method: str = "tail",
+                seed: int = 0) -> tuple[AudioSet, AudioSet]:
+    """(train, val) clips, each in original order (armodal.data.splits.split_indices); a
+    speech corpus keeps an utterance's clips together, so a tail split cuts at most one."""
+    train, val = split_indices(len(data), val_fraction, method, seed, "split_audio (clips)")
+    return data.subset(train), data.subset(val)
+
+
+def _check_rate_and_length(sample_rate: int, clip_seconds: float, who: str) -> int:
+    if not isinstance(sample_rate, int) or sample_rate < 1000:
+        raise ValueError(f"{who}: sample_rate must be an int >= 1000 Hz, got {sample_rate!r}")
+    clip_samples = round(clip_seconds * sample_rate)
+    if clip_samples < 1:
+        raise ValueError(f"{who}: clip_seconds={clip_seconds} gives no samples")
+    return clip_samples
+
+
+class AudioFolder:
+    """Every WAV / FLAC / OGG file under `root` (recursively, sorted), resampled to
+    `sample_rate`, mixed to mono (or refused, mono="refuse") and cut into clips.
+    A `<name>.txt` file beside `<name>.wav` is that file's transcript."""
+
+    def __init__(self, root: str, sample_rate: int = 16000, clip_seconds: float = 2.0,
+                 mono: str = "mix", max_files: int | None = None) -> None:
+        self.clip_samples = _check_rate_and_length(sample_rate, clip_seconds, "AudioFolder")
+        if mono not in MONO_MODES:
+            raise ValueError(f"AudioFolder: mono={mono!r}; allowed: {', '.join(MONO_MODES)}")
+        self.root, self.sample_rate, self.clip_seconds = root, sample_rate, clip_seconds
+        self.mono, self.max_files = mono, max_files
+
+    def files(self) -> list[Path]:
+        root = Path(os.path.expanduser(self.root))
+        if not root.is_dir():
+            raise FileNotFoundError(f"AudioFolder: root {str(root)!r} is not a directory")
+        found = sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS)
+        if not found:
+            raise ValueError(f"AudioFolder: no {'/'.join(AUDIO_EXTENSIONS)} files under "
+                             f"{str(root)!r}")
+        return found[:self.max_files]
+
+    def load(self) -> AudioSet:
+        clips, texts, any_text = [], [], False
+        for path in self.files():
+            cut = cut_clips(read_audio(path, self.sample_rate, self.mono), self.clip_samples)
+            transcript = path.with_suffix(".txt")
+            any_text |= transcript.is_file()
+            text = transcript.read_text().strip() if transcript.is_file() else ""
+            clips.append(cut)
+            texts += [text] * len(cut)
+        return AudioSet(torch.cat(clips), self.sample_rate, texts if any_text else None,
+                        f"folder:{self.root}")
+
+    def fingerprint(self) -> str:
+        entries = [(p, str(p), p.stat().st_size) for p in self.files()]
+        return fingerprint_files(entries, {"sample_rate": self.sample_rate, "mono": self.mono,
+                                           "clip_seconds": self.clip_seconds})
+
+
+class SyntheticTones:
+    """Seeded synthetic clips, for tests and quick checks: each clip is a short melody of
+    1-4 notes (sine partials with decaying harmonics, a soft attack and release), plus a
+    little noise. Needs no file and no external program."""
+
+    def __init__(self, n: int = 64, sample_rate: int = 16000, clip_seconds: float = 1.0,
+                 seed: int = 0) -> None:
+        self.clip_samples = _check_rate_and_length(sample_rate, clip_seconds, "SyntheticTones")
+        if n < 1:
+            raise ValueError(f"SyntheticTones: n must be >= 1, got {n}")
+        self.n, self.sample_rate, self.clip_seconds, self.seed = n, sample_rate, clip_seconds, seed
+
+    def load(self) -> AudioSet:
+        gen = torch.Generator().manual_seed(self.seed)
+        t = torch.arange(self.clip_samples) / self.sample_rate  # (S,) seconds
+        clips = torch.zeros(self.n, self.clip_samples)
+        for i in range(self.n):
+            n_notes = int(torch.randint(1, 5, (), generator=gen))
+            bounds = torch.linspace(0, self.clip_samples, n_notes + 1).long()
+            for j in range(n_notes):
+                lo, hi = int(bounds[j]), int(bounds[j + 1])
+                # A pentatonic note between A3 and A5: melodies, not random frequencies.
+                semitone = [0, 2, 4, 7, 9][int(torch.randint(5, (), generator=gen))] \
+                    + 12 * int(torch.randint(3, (), generator=gen))
+                f0 = 220.0 * 2 ** (semitone / 12)
+                tt = t[lo:hi] - t[lo]
+                note = sum(0.5 ** h * torch.sin(2 * math.pi * f0 * (h + 1) * tt) for h in range(3))
+                envelope = torch.minimum(tt / 0.01, torch.ones_like(tt)) * torch.exp(-3 * tt)
+                clips[i, lo:hi] = 0.4 * note * envelope
+        clips += 0.003 * torch.randn(clips.shape, generator=gen)
+        return AudioSet(clips.clamp(-1, 1), self.sample_rate, None, f"tones:{self.seed}")
+
+    def fingerprint(self) -> str:
+        return f"tones-{self.n}-{self.sample_rate}-{self.clip_seconds}-{self.seed}"
