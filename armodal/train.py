@@ -47,6 +47,15 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
     return Path(cfg.run_dir)
 
 
+def start_run(cfg: DictConfig) -> Path:
+    """Fix and create the run dir, write the resolved config into it, seed everything."""
+    run_dir = resolve_run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "train_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    return run_dir
+
+
 def train(cfg: DictConfig) -> TrainResult:
     """Tokenize (cached), build the model at the TokenSpace's vocab size, fit, export.
 
@@ -61,10 +70,7 @@ def train(cfg: DictConfig) -> TrainResult:
 
         return train_audio_codec(cfg)
     start = time.perf_counter()
-    run_dir = resolve_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "train_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    run_dir = start_run(cfg)
 
     # Data first: a trainable tokenizer is fitted here, and it fixes the vocabulary size.
     tokenizer = instantiate(cfg.domain.tokenizer)

@@ -44,6 +44,25 @@ def unigram_nats(train_codes: torch.Tensor, val_codes: torch.Tensor, size: int,
     return total / count
 
 
+@torch.inference_mode()
+def level_nats(run, sequences: torch.Tensor, batch_size: int = 16) -> list[float]:
+    """Mean NLL (nats) of the code targets of each model stream (= codebook level under the
+    delay and parallel patterns) over val sequences (N, K, L); pads and structure excluded."""
+    lo = run.space.offset("audio")
+    hi = lo + run.space.modalities["audio"]
+    totals = torch.zeros(sequences.shape[1], dtype=torch.float64)
+    counts = torch.zeros_like(totals)
+    for batch in sequences.split(batch_size):
+        logits = run.model(batch[..., :-1]).float()  # (B, K, L-1, V)
+        targets = batch[..., 1:]  # (B, K, L-1)
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, -2), targets.flatten(),
+                                                reduction="none").view(targets.shape)
+        is_code = (targets >= lo) & (targets < hi)
+        totals += (nll * is_code).sum((0, 2)).double()
+        counts += is_code.sum((0, 2)).double()
+    return (totals / counts).tolist()
+
+
 def figure(name: str, value: float, unit: str, peer: tuple[str, float] | None = None) -> None:
     line = f"figure {name}: {value:.4f} {unit}"
     if peer is not None:
@@ -84,6 +103,12 @@ def bench_codes(run_dir: str, batch: int = 4) -> None:
           f"pattern {dm.layout.pattern.kind}")
     figure("codes_nll_per_code", nats, "nats", ("unigram_codes", peer))
     figure("codes_nll_reduction_vs_unigram", 100 * (1 - nats / peer), "%")
+    if dm.layout.n_streams > 1:  # delay / parallel: model stream k is codebook level k
+        per_level = level_nats(run, dm.val_sequences)
+        for k, model_nats in enumerate(per_level):
+            level_peer = unigram_nats(train_codes[:, k], val_codes[:, k],
+                                      run.tokenizer.codebook_size)
+            figure(f"codes_nll_level{k}", model_nats, "nats", ("unigram_codes", level_peer))
     layout = AudioLayout.for_run(run.space, run.meta, run.tokenizer)
     seconds = val_codes.shape[-1] / run.tokenizer.frame_rate
     calls = 0

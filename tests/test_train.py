@@ -11,6 +11,7 @@ from omegaconf import open_dict
 
 from armodal.checkpoint import load_run
 from armodal.cli import CONF_DIR, RECIPES_DIR, available_recipes, compose_config
+from armodal.data.audio import SyntheticTones
 from armodal.generation import DecodingConfig, generate
 from armodal.model import ModelConfig, Transformer
 
@@ -169,6 +170,10 @@ def test_every_configured_tokenizer_passes_conformance(domain, corpus_file, requ
         if hasattr(tokenizer, "fit"):
             tokenizer.fit(images)
         check_tokenizer(tokenizer, list(images))
+        return
+    if tokenizer.modality == "audio":
+        waves = SyntheticTones(n=2, sample_rate=tokenizer.sample_rate, clip_seconds=0.05).load()
+        check_tokenizer(tokenizer, [*waves.clips, 0.5 * torch.ones(37)])
         return
     text = corpus_file.read_text()[:60_000]
     if hasattr(tokenizer, "fit"):

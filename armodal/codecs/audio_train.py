@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from armodal.codecs.artefact import save_codec
 from armodal.codecs.audio_codec import AudioCodec
 from armodal.codecs.audio_lit import AudioCodecModule
+from armodal.codecs.train import fit_and_validate
 from armodal.data.audio import AudioSet, split_audio
 from armodal.loggers import finish_runs
 
@@ -56,13 +57,10 @@ def train_audio_codec(cfg: DictConfig) -> AudioCodecTrainResult:
     """Load and split the clips, fit the codec on random crops, evaluate on the whole held-out
     clips, save it to <run dir>/codec."""
     # Imported here: armodal.train dispatches `task: audio_codec` configs to this function.
-    from armodal.train import resolve_run_dir
+    from armodal.train import start_run
 
     start = time.perf_counter()
-    run_dir = resolve_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "train_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    run_dir = start_run(cfg)
 
     data: AudioSet = instantiate(cfg.data.audio).load()
     # Split by clip before any cropping: no held-out clip is ever seen in training.
@@ -82,13 +80,7 @@ def train_audio_codec(cfg: DictConfig) -> AudioCodecTrainResult:
     module = AudioCodecModule(model, optimizer=instantiate(cfg.optim.optimizer),
                               scheduler=instantiate(cfg.optim.scheduler), **cfg.loss)
 
-    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
-    loggers = [instantiate(c) for c in cfg.logger.values()]
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
-                                     default_root_dir=str(run_dir))
-    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader)
-    if not module.val_history or module.val_history[-1][0] != trainer.global_step:
-        trainer.validate(module, dataloaders=val_loader, verbose=False)  # the final figure
+    trainer, loggers = fit_and_validate(cfg, module, train_loader, val_loader, run_dir)
     metrics = dict(module.last_val)
 
     codec_dir = save_codec(run_dir / "codec", model, meta={

@@ -49,13 +49,10 @@ class ImageTensors(Dataset):
 def train_codec(cfg: DictConfig) -> CodecTrainResult:
     """Load and split the images, fit the VQ-VAE, evaluate on the held-out split, save it."""
     # Imported here: armodal.train dispatches `task: codec` configs to this function.
-    from armodal.train import resolve_run_dir
+    from armodal.train import start_run
 
     start = time.perf_counter()
-    run_dir = resolve_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "train_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    run_dir = start_run(cfg)
 
     data = instantiate(cfg.data.images).load()
     train_set, val_set = split_images(data, cfg.data.val_fraction, method=cfg.data.split,
@@ -74,13 +71,7 @@ def train_codec(cfg: DictConfig) -> CodecTrainResult:
     module = VQVAEModule(model, optimizer=instantiate(cfg.optim.optimizer),
                          scheduler=instantiate(cfg.optim.scheduler), l1_weight=cfg.loss.l1_weight)
 
-    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
-    loggers = [instantiate(c) for c in cfg.logger.values()]
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
-                                     default_root_dir=str(run_dir))
-    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader)
-    if not module.val_history or module.val_history[-1][0] != trainer.global_step:
-        trainer.validate(module, dataloaders=val_loader, verbose=False)  # the final figure
+    trainer, loggers = fit_and_validate(cfg, module, train_loader, val_loader, run_dir)
     metrics = dict(module.last_val)
 
     codec_dir = save_codec(run_dir / "codec", model, meta={
@@ -98,6 +89,21 @@ def train_codec(cfg: DictConfig) -> CodecTrainResult:
                               time.perf_counter() - start, module, trainer)
     print(summary(result, model.codebook_size, len(val_set)))
     return result
+
+
+def fit_and_validate(cfg: DictConfig, module: L.LightningModule, train_loader: DataLoader,
+                     val_loader: DataLoader, run_dir: Path) -> tuple[L.Trainer, list]:
+    """Fit with the config's trainer, callbacks and loggers, then validate once more unless
+    the last step just did, so the codec's reported figures are those of its final weights.
+    Returns the trainer and the loggers (for finish_runs)."""
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    loggers = [instantiate(c) for c in cfg.logger.values()]
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
+                                     default_root_dir=str(run_dir))
+    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader)
+    if not module.val_history or module.val_history[-1][0] != trainer.global_step:
+        trainer.validate(module, dataloaders=val_loader, verbose=False)  # the final figure
+    return trainer, loggers
 
 
 def summary(result: CodecTrainResult, codebook_size: int, val_images: int) -> str:
