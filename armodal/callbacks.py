@@ -120,8 +120,8 @@ class SampleImages(L.Callback):
 
 class SampleAudio(L.Callback):
     """After each validation: `count` clips of `seconds` (null: the training clip length, or
-    up to a quarter second of mu-law audio), written as `<path>/step_XXXXXX_<i>.wav` with a spectrogram
-    PNG beside each, and logged to wandb as audio."""
+    up to a quarter second of mu-law audio), written as `<path>/step_XXXXXX_<i>.wav` with a
+    spectrogram PNG beside each, and logged to wandb as audio."""
 
     def __init__(self, tokenizer: Tokenizer, layout, decoding: DecodingConfig, path: str,
                  count: int = 2, seconds: float | None = None):

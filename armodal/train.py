@@ -156,7 +156,7 @@ def summary(result: TrainResult, unit: str) -> str:
         f"run finished in {result.seconds:.0f} s, {result.steps} steps",
         f"  run dir        {result.run_dir}",
         f"  val loss       {result.final_val_loss:.4f} nats/token (best {result.best_val_loss:.4f})",
-        f"  val bits/{unit:<6}{bits:.4f}",
+        f"  val bits/{unit:<5} {bits:.4f}",
         f"  loss curve     {result.run_dir / 'loss_curve.png'}",
         f"  generate       armodal generate run={result.run_dir}"
         + (' prompt="..."' if unit == "byte" else ""),
