@@ -16,6 +16,7 @@ from typing import Any
 import soundfile as sf
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from armodal.data.audio import read_audio
 from armodal.data.audio_module import AudioDataModule, AudioLayout
@@ -23,25 +24,6 @@ from armodal.generation import DecodingConfig, generate
 from armodal.generation.streams import generate_codes
 
 __all__ = ["generate_audio", "sample_audio", "save_spectrogram", "save_wav"]
-
-
-class _Progress:
-    """A tqdm bar over the decoding steps of one call, or nothing."""
-
-    def __init__(self, total: int, enabled: bool, what: str):
-        self.bar = None
-        if enabled:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc=what, unit="step", leave=False)
-
-    def step(self, *_: Any) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 @torch.no_grad()
@@ -65,13 +47,12 @@ def sample_audio(model: torch.nn.Module, tokenizer: Any, layout: AudioLayout, n:
         raise ValueError(f"the prompt holds {prompt_codes.shape[-1]} frames, not fewer than "
                          f"the {frames} asked for; ask for more seconds or a shorter prompt")
     prefix = layout.prefix().expand(n, -1, -1)  # (n, n_streams, 2)
-    bar = _Progress(layout.pattern.length(frames), progress, "audio frames")
-    try:
+    with tqdm(total=layout.pattern.length(frames), desc="audio frames", unit="step",
+              leave=False, disable=not progress) as bar:
         codes = generate_codes(model, prefix, layout.pattern, frames, decoding,
                                code_offset=layout.code_offset, fill_id=layout.space.pad_id,
-                               prompt_codes=prompt_codes, seeds=seeds, on_step=bar.step)
-    finally:
-        bar.close()
+                               prompt_codes=prompt_codes, seeds=seeds,
+                               on_step=lambda *_: bar.update(1))
     return tokenizer.decode(codes)  # (n, S)
 
 
@@ -89,12 +70,10 @@ def _sample_mulaw(model, tokenizer, layout, n, samples, decoding, prompts, seeds
     # A fixed length of audio: no stop, every step inside the audio ids.
     config = dataclasses.replace(decoding, max_new_tokens=new, min_new_tokens=0,
                                  stop_token_ids=(), stop_sequences=(), stop_strings=())
-    bar = _Progress(new, progress, "audio samples")
-    try:
+    with tqdm(total=new, desc="audio samples", unit="step", leave=False,
+              disable=not progress) as bar:
         out = generate(model, rows, config, allowed_mask=layout.space.modality_mask("audio"),
-                       seeds=seeds, on_token=lambda row, _: row == 0 and bar.step())
-    finally:
-        bar.close()
+                       seeds=seeds, on_token=lambda row, _: row == 0 and bar.update(1))
     ids = torch.tensor([row[len(head):] + seq for row, seq in zip(rows, out.sequences)])
     return tokenizer.decode(ids - layout.code_offset)
 

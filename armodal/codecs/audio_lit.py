@@ -136,11 +136,8 @@ class AudioCodecModule(L.LightningModule):
             total = total - self.si_snr_weight * parts["si_snr"]
         return total, parts, recon, codes
 
-    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        loss, parts, _, _ = self.losses(batch)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log_dict({f"train/{name}": value for name, value in parts.items()})
-        return loss
+    # The image codec's step: this module's losses() has the same (total, parts, ...) shape.
+    training_step = VQVAEModule.training_step
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums = torch.zeros(3, dtype=torch.float64)  # loss, si_snr, mel distance

@@ -25,7 +25,7 @@ from armodal.data.sources import fingerprint_files
 from armodal.data.splits import split_indices
 
 __all__ = ["AUDIO_EXTENSIONS", "AudioFolder", "AudioSet", "AudioSource", "SyntheticTones",
-           "cut_clips", "read_audio", "read_native", "resample_many",
+           "clips_and_texts", "cut_clips", "read_audio", "read_many", "read_native", "resample_many",
            "split_audio"]
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
@@ -115,6 +115,27 @@ def resample_many(waves: list[Tensor], rate: int, sample_rate: int) -> list[Tens
             for piece, n in zip(out.split(sizes), lengths)]
 
 
+def read_many(paths: list[Path], sample_rate: int, mono: str = "mix") -> list[Tensor]:
+    """Files as (S_i,) float32 waves at `sample_rate`, in order: the files of each native rate
+    are resampled together in one pass (resample_many)."""
+    natives = [read_native(path, mono) for path in paths]
+    waves: list[Tensor | None] = [None] * len(natives)
+    for rate in {rate for _, rate in natives}:
+        index = [i for i, (_, r) in enumerate(natives) if r == rate]
+        for i, wave in zip(index, resample_many([natives[i][0] for i in index], rate,
+                                                sample_rate)):
+            waves[i] = wave
+    return waves
+
+
+def clips_and_texts(waves: list[Tensor], texts: list[str], clip_samples: int
+                    ) -> tuple[Tensor, list[str]]:
+    """Every wave cut into clips (cut_clips), stacked (N, clip_samples), each clip with the
+    text of the wave it came from."""
+    cuts = [cut_clips(wave, clip_samples) for wave in waves]
+    return torch.cat(cuts), [text for cut, text in zip(cuts, texts) for _ in range(len(cut))]
+
+
 def cut_clips(wave: Tensor, clip_samples: int, min_fraction: float = 0.5) -> Tensor:
     """(S,) -> (n, clip_samples) consecutive clips; the last one is zero-padded when it holds
     at least min_fraction of a clip, else dropped (a wave shorter than that still gives one)."""
@@ -167,15 +188,14 @@ class AudioFolder:
         return found[:self.max_files]
 
     def load(self) -> AudioSet:
-        clips, texts, any_text = [], [], False
-        for path in self.files():
-            cut = cut_clips(read_audio(path, self.sample_rate, self.mono), self.clip_samples)
-            transcript = path.with_suffix(".txt")
-            any_text |= transcript.is_file()
-            text = transcript.read_text().strip() if transcript.is_file() else ""
-            clips.append(cut)
-            texts += [text] * len(cut)
-        return AudioSet(torch.cat(clips), self.sample_rate, texts if any_text else None,
+        files = self.files()
+        transcripts = [path.with_suffix(".txt") for path in files]
+        clips, texts = clips_and_texts(
+            read_many(files, self.sample_rate, self.mono),
+            [t.read_text().strip() if t.is_file() else "" for t in transcripts],
+            self.clip_samples)
+        any_text = any(t.is_file() for t in transcripts)
+        return AudioSet(clips, self.sample_rate, texts if any_text else None,
                         f"folder:{self.root}")
 
     def fingerprint(self) -> str:

@@ -57,15 +57,19 @@ class AudioLayout:
         ids = [self.space.special_ids[name] for name in PREFIX]
         return torch.tensor(ids).expand(self.n_streams, -1)
 
+    def suffix(self) -> Tensor:
+        """(n_streams, 2) global ids: <eoa> <eos> in every stream."""
+        ids = [self.space.special_ids[name] for name in SUFFIX]
+        return torch.tensor(ids).expand(self.n_streams, -1)
+
     def sequences(self, codes: Tensor) -> Tensor:
         """Codes (N, K, T) local -> (N, n_streams, L) global ids: prefix, laid-out codes
         (empty slots <pad>), suffix."""
-        s, n = self.space, codes.shape[0]
+        n = codes.shape[0]
         laid = self.pattern.apply(codes, fill=-1)  # (N, n_streams, T')
-        laid = torch.where(laid >= 0, laid + self.code_offset, s.pad_id)
-        suffix = torch.tensor([s.special_ids[name] for name in SUFFIX])
+        laid = torch.where(laid >= 0, laid + self.code_offset, self.space.pad_id)
         return torch.cat([self.prefix().expand(n, -1, -1), laid,
-                          suffix.expand(n, self.n_streams, -1)], dim=-1)
+                          self.suffix().expand(n, -1, -1)], dim=-1)
 
     def to_dict(self) -> dict:
         if self.pattern is None:
@@ -92,7 +96,7 @@ class AudioLayout:
 
 def audio_layout(tokenizer: Any, pattern: str) -> AudioLayout:
     """The token space and layout of an audio model under `tokenizer` and `pattern`."""
-    if getattr(tokenizer, "n_levels", 1) == 1 and not hasattr(tokenizer, "codebook_size"):
+    if not hasattr(tokenizer, "codebook_size"):  # one token per sample: no levels to lay out
         space = TokenSpace({"audio": tokenizer.vocab_size}, AUDIO_MARKERS)
         return AudioLayout(space, None)
     laid = stream_pattern(pattern, tokenizer.n_levels, tokenizer.codebook_size)
@@ -103,8 +107,7 @@ def mulaw_stream(layout: AudioLayout, tokens: Tensor) -> Tensor:
     """(N, S) local sample tokens -> (N * (S + 4),) global ids, clip after clip."""
     n = tokens.shape[0]
     return torch.cat([layout.prefix()[0].expand(n, -1), tokens + layout.code_offset,
-                      torch.tensor([layout.space.special_ids[x] for x in SUFFIX]).expand(n, -1)],
-                     dim=1).flatten()
+                      layout.suffix()[0].expand(n, -1)], dim=1).flatten()
 
 
 class AudioDataModule(L.LightningDataModule):
@@ -125,7 +128,7 @@ class AudioDataModule(L.LightningDataModule):
         if val_batches is not None and val_batches < 1:
             raise ValueError(f"val_batches must be >= 1 or None, got {val_batches}")
         self.audio, self.tokenizer, self.batch_size = audio, tokenizer, batch_size
-        self.pattern, self.val_fraction, self.split = pattern, val_fraction, split
+        self.val_fraction, self.split = val_fraction, split
         self.num_workers, self.seed, self.val_batches = num_workers, seed, val_batches
         self.layout = audio_layout(tokenizer, pattern)
         self.space = self.layout.space
@@ -138,6 +141,7 @@ class AudioDataModule(L.LightningDataModule):
                              f"null and choose the clip length in domain.audio.clip_seconds")
         self._seq_len = seq_len
         self.train_audio: AudioSet | None = None
+        self.train_sequences: Tensor | None = None  # built by setup()
 
     @classmethod
     def for_run(cls, train_config: dict, tokenizer: Any, space: TokenSpace) -> AudioDataModule:
@@ -190,13 +194,9 @@ class AudioDataModule(L.LightningDataModule):
 
     def units(self) -> tuple[float, str, tuple[int, int]]:
         """Bits per sample (mu-law) or per code (codec) over the audio ids only."""
-        lo = self.code_offset
+        lo = self.layout.code_offset
         unit = "sample" if self.layout.pattern is None else "code"
         return 1.0, unit, (lo, lo + self.space.modalities["audio"])
-
-    @property
-    def code_offset(self) -> int:
-        return self.layout.code_offset
 
     @property
     def n_streams(self) -> int:
@@ -204,13 +204,13 @@ class AudioDataModule(L.LightningDataModule):
         return self.layout.n_streams
 
     def run_meta(self) -> dict:
+        self.prepare_shards()
         return {"audio": {**self.layout.to_dict(), "sample_rate": self.tokenizer.sample_rate,
-                          "clip_seconds": self.val_audio.seconds if self.train_audio is not None
-                          else None}}
+                          "clip_seconds": self.val_audio.seconds}}
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare_shards()
-        if not hasattr(self, "train_sequences"):
+        if self.train_sequences is None:
             self.train_sequences = self._tokenize(self.train_audio)
         if self.layout.pattern is None:
             self.train_set: Dataset = WindowDataset(self.train_sequences.numpy(), self._seq_len,

@@ -27,9 +27,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
-
-from armodal.data.audio import AudioSet, cut_clips, read_native, resample_many
+from armodal.data.audio import AudioSet, clips_and_texts, read_many
 
 __all__ = ["SpeechCorpus", "espeak_available", "sentences_from_docstrings", "sentences_from_text"]
 
@@ -131,7 +129,10 @@ class SpeechCorpus:
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
         try:
             self._build(tmp, settings)
-            os.replace(tmp, final) if not final.exists() else shutil.rmtree(tmp)
+            if final.exists():  # another process finished the same corpus first
+                shutil.rmtree(tmp)
+            else:
+                os.replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -173,15 +174,7 @@ class SpeechCorpus:
         directory = self.directory()
         meta = json.loads((directory / "meta.json").read_text())
         clip_samples = round(self.clip_seconds * self.sample_rate)
-        natives = [read_native(directory / u["file"]) for u in meta["utterances"]]
-        rates = {rate for _, rate in natives}
-        if len(rates) != 1:
-            raise ValueError(f"speech corpus {directory} mixes sample rates {sorted(rates)}")
-        waves = resample_many([w for w, _ in natives], rates.pop(), self.sample_rate)
-        clips, texts = [], []
-        for wave, utterance in zip(waves, meta["utterances"]):
-            cut = cut_clips(wave, clip_samples)
-            clips.append(cut)
-            texts += [utterance["text"]] * len(cut)
-        return AudioSet(torch.cat(clips), self.sample_rate, texts,
-                        f"speech:{directory.name}")
+        utterances = meta["utterances"]
+        waves = read_many([directory / u["file"] for u in utterances], self.sample_rate)
+        clips, texts = clips_and_texts(waves, [u["text"] for u in utterances], clip_samples)
+        return AudioSet(clips, self.sample_rate, texts, f"speech:{directory.name}")

@@ -1,7 +1,7 @@
 """Audio tokenizers: mu-law samples (WaveNet) and the codes of a trained neural codec.
 
 A waveform is (S,) float32 in [-1, 1], mono, at the tokenizer's `sample_rate`; audio at another
-rate goes through `resample_to` first (the data sources resample on load).
+rate is resampled when it is read (armodal.data.audio.read_audio, the audio sources).
 
 MuLawTokenizer: one token per sample, 2^bits levels after mu-law companding (fine steps near
     silence, coarse ones at full scale): (S,) -> (S,).
@@ -17,7 +17,7 @@ import torch
 import torchaudio.functional as AF
 from torch import Tensor
 
-__all__ = ["CodecTokenizer", "MuLawTokenizer", "check_wave", "resample_to"]
+__all__ = ["CodecTokenizer", "MuLawTokenizer", "check_wave"]
 
 
 def _target(obj: object) -> str:
@@ -36,14 +36,6 @@ def check_wave(wave: Tensor, who: str, batched: bool = False) -> Tensor:
     if wave.shape[-1] == 0:
         raise ValueError(f"{who}: the waveform holds no samples")
     return wave.float()
-
-
-def resample_to(wave: Tensor, rate: int, sample_rate: int) -> Tensor:
-    """(..., S) from `rate` to `sample_rate` (torchaudio's windowed sinc), clamped to [-1, 1]."""
-    if rate <= 0:
-        raise ValueError(f"sample rate must be positive, got {rate}")
-    out = wave if rate == sample_rate else AF.resample(wave, rate, sample_rate)
-    return out.clamp(-1.0, 1.0)
 
 
 class MuLawTokenizer:
