@@ -1,5 +1,5 @@
 """Training callbacks armodal adds to Lightning's: a loss-curve PNG and generated samples
-(text, or image grids)."""
+(text, image grids, audio clips) or closed-loop episodes (action runs)."""
 
 from __future__ import annotations
 
@@ -142,6 +142,29 @@ class SampleAudio(L.Callback):
             if hasattr(logger, "log_audio"):  # wandb
                 logger.log_audio("samples", [str(w) for w in wavs], step=trainer.global_step,
                                  sample_rate=[rate] * len(wavs))
+
+
+class PlayEpisodes(L.Callback):
+    """After each validation: the model plays `episodes` seeded episodes of its environment in
+    closed loop (armodal.control) and logs their mean return as `val/return`, the figure an
+    action run is for (the loss only says how well it imitates)."""
+
+    def __init__(self, tokenizer, env_id: str, context: int, target_return: float | None,
+                 episodes: int = 5, first_seed: int = 20_000):
+        self.tokenizer, self.env_id, self.context = tokenizer, env_id, context
+        self.target_return, self.seeds = target_return, list(range(first_seed,
+                                                                  first_seed + episodes))
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        from armodal.control.evaluate import play
+        from armodal.control.policy import SequencePolicy
+
+        policy = SequencePolicy(pl_module.model, self.tokenizer, self.context)
+        score = play(policy, self.env_id, self.seeds, len(self.seeds), "model",
+                     self.target_return)
+        pl_module.log("val/return", score.mean, prog_bar=True)
 
 
 def clip_seconds(model: torch.nn.Module, layout, tokenizer) -> float:

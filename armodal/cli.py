@@ -4,6 +4,7 @@
     armodal generate run=<dir> prompt="..." decoding=<preset> decoding.temperature=0.7
     armodal generate run=<dir> prompt_file=prompts.txt format=jsonl   (prompt_file=- : stdin)
     armodal eval run=<dir> [data=<file|folder|glob>] [quantize=int8|int4|bf16]
+    armodal eval run=<action run dir> actions.episodes=50 actions.target_return=[100,500]
     armodal generate run=<dir> prompt="..." decoding=speculative draft_run=<smaller run dir>
     armodal generate run=<image run dir> image.classes=[3,7] decoding.cfg_scale=2   (PNG grid)
     armodal generate run=<audio run dir> audio.seconds=2 audio.prompt=val   (WAV + PNG files)
@@ -153,10 +154,32 @@ def run_eval(args: list[str]) -> None:
     from armodal.evaluate import evaluate
 
     cfg = compose_config(CONF_DIR, "eval", args)
+    if is_action_run(cfg.run):
+        return eval_action_run(cfg)
     result = evaluate(cfg.run, data=cfg.data, pattern=cfg.pattern, batch_size=cfg.batch_size,
                       max_batches=cfg.max_batches, device=cfg.device, quantize=cfg.quantize)
     print(f"{result.data}: {result.tokens} tokens, loss {result.nll:.4f} nats/token, "
           f"perplexity {result.ppl:.3f}, {result.bits_per_unit:.4f} bits/{result.unit}")
+    print(json.dumps(result.as_dict()))
+
+
+def is_action_run(run_dir: str) -> bool:
+    config = Path(run_dir).expanduser() / "config.json"
+    return config.is_file() and "action" in json.loads(config.read_text())
+
+
+def eval_action_run(cfg) -> None:
+    from omegaconf import OmegaConf
+
+    from armodal.checkpoint import load_run
+    from armodal.control.evaluate import evaluate_run
+
+    if cfg.data is not None:
+        raise UsageError(f"data={cfg.data!r}: an action run is evaluated by playing episodes "
+                         f"in its environment; leave data unset")
+    run = load_run(cfg.run, cfg.device, quantize=cfg.quantize)
+    result = evaluate_run(run, **OmegaConf.to_container(cfg.actions))
+    print(result.table())
     print(json.dumps(result.as_dict()))
 
 

@@ -13,9 +13,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from armodal.callbacks import SampleAudio, SampleImages, SampleText
+from armodal.callbacks import PlayEpisodes, SampleAudio, SampleImages, SampleText
 from armodal.checkpoint import save_run
 from armodal.data import TokenDataModule
+from armodal.data.action_module import ActionDataModule
 from armodal.data.audio_module import AudioDataModule
 from armodal.data.image_module import ImageDataModule
 from armodal.lit import ARModule
@@ -120,10 +121,13 @@ def train(cfg: DictConfig) -> TrainResult:
 
 
 def build_datamodule(cfg: DictConfig, tokenizer) -> TokenDataModule | ImageDataModule \
-        | AudioDataModule:
+        | AudioDataModule | ActionDataModule:
     """Text domains name a document `source`, image domains an image source `images`, audio
-    domains an audio source `audio`."""
+    domains an audio source `audio`, action domains an episode source `episodes`."""
     domain = cfg.domain
+    if "episodes" in domain:
+        return ActionDataModule(episodes=instantiate(domain.episodes), tokenizer=tokenizer,
+                                seed=cfg.seed, **domain.data)
     if "audio" in domain:
         return AudioDataModule(audio=instantiate(domain.audio), tokenizer=tokenizer,
                                seed=cfg.seed, **domain.data)
@@ -135,8 +139,12 @@ def build_datamodule(cfg: DictConfig, tokenizer) -> TokenDataModule | ImageDataM
 
 
 def sample_callback(cfg: DictConfig, datamodule, decoding, run_dir: Path) -> L.Callback:
-    """Samples after each validation: an image grid PNG, WAV + spectrogram PNG files, or text
-    appended to samples.txt."""
+    """Samples after each validation: an image grid PNG, WAV + spectrogram PNG files, text
+    appended to samples.txt, or closed-loop episodes whose mean return is logged."""
+    if isinstance(datamodule, ActionDataModule):
+        info = datamodule.run_meta()["action"]
+        target = info["target_return"] if datamodule.tokenizer.has_returns else None
+        return PlayEpisodes(datamodule.tokenizer, info["env_id"], datamodule.context, target)
     if isinstance(datamodule, AudioDataModule):
         return SampleAudio(datamodule.tokenizer, datamodule.layout, decoding,
                            path=str(run_dir / "samples"))
@@ -150,6 +158,11 @@ def sample_callback(cfg: DictConfig, datamodule, decoding, run_dir: Path) -> L.C
 def summary(result: TrainResult, unit: str) -> str:
     """The end-of-run block: where the run is, how good it got, how to use it."""
     bits = result.metrics.get(f"val/bits_per_{unit}", math.nan)
+    use = [f"  generate       armodal generate run={result.run_dir}"
+           + (' prompt="..."' if unit == "byte" else "")]
+    if unit == "action":  # an action run acts in its environment instead of generating
+        use = [f"  val return     {result.metrics.get('val/return', math.nan):.1f} "
+               f"(closed loop, a few episodes)"]
     return "\n".join([
         "",
         "=" * 72,
@@ -158,8 +171,7 @@ def summary(result: TrainResult, unit: str) -> str:
         f"  val loss       {result.final_val_loss:.4f} nats/token (best {result.best_val_loss:.4f})",
         f"  val bits/{unit:<5} {bits:.4f}",
         f"  loss curve     {result.run_dir / 'loss_curve.png'}",
-        f"  generate       armodal generate run={result.run_dir}"
-        + (' prompt="..."' if unit == "byte" else ""),
+        *use,
         f"  evaluate       armodal eval run={result.run_dir}",
         "=" * 72,
     ])

@@ -19,7 +19,8 @@ REQUIRED = {"text_char": ["domain.source.path=README.md"],
             "text_byte": ["domain.source.path=README.md"],
             "image_mnist": ["domain.images.root=/nonexistent/mnist"],
             "image_folder": ["domain.images.root=/nonexistent/folder"],
-            "image_mnist_vq": ["domain.images.root=/nonexistent/mnist"]}
+            "image_mnist_vq": ["domain.images.root=/nonexistent/mnist"],
+            "actions_folder": ["domain.episodes.root=/nonexistent/episodes"]}
 
 
 @pytest.fixture
@@ -47,6 +48,8 @@ def instantiate_all(cfg, tmp_path: Path) -> None:
         instantiate(cfg.domain.images)  # lazily: the data need not exist to compose
     elif tokenizer.modality == "audio":
         instantiate(cfg.domain.audio)  # lazily: a speech corpus is built at load()
+    elif tokenizer.modality == "action":
+        instantiate(cfg.domain.episodes)  # lazily: rollouts are played at load()
     else:
         assert tokenizer.modality == "text"
         instantiate(cfg.domain.source)
@@ -157,7 +160,7 @@ def test_failed_run_leaves_no_finished_run_dir(tmp_path, quick_overrides):
 
 
 @pytest.mark.parametrize("domain", options("domain"))
-def test_every_configured_tokenizer_passes_conformance(domain, corpus_file, required):
+def test_every_configured_tokenizer_passes_conformance(domain, corpus_file, required, tmp_path):
     """The conformance check, not a registry, admits a tokenizer: run it on each one conf/ names."""
     from armodal.tokenizers import check_tokenizer
 
@@ -174,6 +177,14 @@ def test_every_configured_tokenizer_passes_conformance(domain, corpus_file, requ
     if tokenizer.modality == "audio":
         waves = SyntheticTones(n=2, sample_rate=tokenizer.sample_rate, clip_seconds=0.05).load()
         check_tokenizer(tokenizer, [*waves.clips, 0.5 * torch.ones(37)])
+        return
+    if tokenizer.modality == "action":
+        from armodal.control.rollout import Rollouts
+
+        env_id = cfg.domain.episodes.get("env_id", "Pendulum-v1")  # a folder: continuous
+        episodes = Rollouts(env_id, n_episodes=4, cache_dir=str(tmp_path)).load()
+        tokenizer.fit(episodes)
+        check_tokenizer(tokenizer, episodes[:2])
         return
     text = corpus_file.read_text()[:60_000]
     if hasattr(tokenizer, "fit"):

@@ -1,0 +1,2 @@
+"""Control: scripted experts, environment rollouts, the closed-loop policy runner and its
+evaluation."""
