@@ -80,7 +80,6 @@ class SequencePolicy:
             np.broadcast_to(np.asarray(target_return, dtype=np.float64), (self.batch,)).copy()
         self.cache = self.model.new_cache(self.batch, self.model.config.max_seq_len)
         self.steps: list[np.ndarray] = []  # (B, G) global ids of each finished timestep
-        self.clamped = 0  # observation values outside the fitted range, clamped
         self.current = self._step_head(observations)  # (B, G - D_act): this step so far
         self.pending = torch.from_numpy(self.current).to(self.device)  # not yet in the cache
         seeds = self.seeds if self.seeds is not None else [self.decoding.seed] * self.batch
@@ -108,6 +107,7 @@ class SequencePolicy:
             self.pending = token[:, None]
         actions = torch.stack(chosen, 1).cpu().numpy()  # (B, D_act) global ids
         self.steps.append(np.concatenate([self.current, actions], 1))
+        del self.steps[:-self.context]  # a slide never keeps more
         self.current = None
         return self.tokenizer.actions_from_ids(actions)
 
@@ -140,10 +140,10 @@ class SequencePolicy:
         if self.rtg is not None:
             lo, hi = self.return_range
             parts.append(self.tokenizer.part_ids("return", np.clip(self.rtg, lo, hi)))
+        # States the training data never reached are clamped into its range without a warning
+        # per step: the nearest bins are the model's best guess of what it sees.
         lo, hi = self.observation_range
-        clipped = np.clip(observations, lo, hi)
-        self.clamped += int((clipped != observations).sum())
-        parts.append(self.tokenizer.part_ids("observation", clipped))
+        parts.append(self.tokenizer.part_ids("observation", np.clip(observations, lo, hi)))
         return np.concatenate(parts, 1)
 
     def _feed(self, ids: Tensor) -> Tensor:

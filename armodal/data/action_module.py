@@ -19,8 +19,9 @@ from typing import Any, Protocol
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from armodal.data.datamodule import evenly_spaced, make_loader
 from armodal.data.episodes import Episode, check_episodes
 from armodal.data.splits import split_indices
 from armodal.tokenizers.trajectory import TrajectoryTokenizer
@@ -62,12 +63,16 @@ class ActionDataModule(L.LightningDataModule):
     """Train / val windows of episodes from `episodes` (e.g. armodal.control.rollout.Rollouts
     or armodal.data.episodes.EpisodeFolder), split by episode. Call `prepare_shards()` before
     building the model: it loads and splits the episodes and fits the tokenizer on the train
-    ones, which fixes the TokenSpace."""
+    ones, which fixes the TokenSpace.
+
+    target_return: the return a return-conditioned run is asked for by default (the training
+    callback's `val/return`, `armodal eval`); None: the 90th percentile of the training
+    returns."""
 
     def __init__(self, episodes: EpisodeSource, tokenizer: TrajectoryTokenizer, batch_size: int,
                  context: int = 20, loss_on: str = "actions", val_fraction: float = 0.1,
                  split: str = "random", num_workers: int = 0, seed: int = 0,
-                 val_batches: int | None = None) -> None:
+                 val_batches: int | None = None, target_return: float | None = None) -> None:
         super().__init__()
         if loss_on not in LOSS_ON:
             raise ValueError(f"loss_on={loss_on!r}; allowed: {', '.join(LOSS_ON)}")
@@ -80,6 +85,7 @@ class ActionDataModule(L.LightningDataModule):
         self.context, self.loss_on = context, loss_on
         self.val_fraction, self.split, self.seed = val_fraction, split, seed
         self.num_workers, self.val_batches = num_workers, val_batches
+        self.target_return = target_return
         self.train_episodes: list[Episode] | None = None
 
     @classmethod
@@ -152,9 +158,10 @@ class ActionDataModule(L.LightningDataModule):
             "train_episodes": len(self.train_episodes), "val_episodes": len(self.val_episodes),
             "train_return_mean": float(returns.mean()), "train_return_max": float(returns.max()),
             "train_return_min": float(returns.min()),
-            # What to ask a return-conditioned model for by default: a high return, not the
-            # highest, which often only an easy start reached.
-            "target_return": float(np.quantile(returns, 0.9))}}
+            # What a return-conditioned model is asked for by default: the configured return,
+            # else a high one but not the highest, which often only an easy start reached.
+            "target_return": float(np.quantile(returns, 0.9) if self.target_return is None
+                                   else self.target_return)}}
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare_shards()
@@ -170,13 +177,8 @@ class ActionDataModule(L.LightningDataModule):
         return self._loader(self.train_set, sampler=sampler, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
-        dataset: Dataset = self.val_set
-        n = len(dataset)
-        if self.val_batches is not None and self.val_batches * self.batch_size < n:
-            index = torch.linspace(0, n - 1, self.val_batches * self.batch_size).round().long()
-            dataset = Subset(dataset, index.tolist())
-        return self._loader(dataset, shuffle=False, drop_last=False)
+        cap = None if self.val_batches is None else self.val_batches * self.batch_size
+        return self._loader(evenly_spaced(self.val_set, cap), shuffle=False, drop_last=False)
 
     def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, **kwargs)
+        return make_loader(dataset, self.batch_size, self.num_workers, **kwargs)

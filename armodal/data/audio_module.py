@@ -24,10 +24,10 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from armodal.data.audio import AudioSet, AudioSource, split_audio
-from armodal.data.datamodule import WindowDataset
+from armodal.data.datamodule import WindowDataset, evenly_spaced, make_loader
 from armodal.tokenizers.patterns import stream_pattern
 from armodal.tokenizers.space import TokenSpace
 
@@ -232,14 +232,8 @@ class AudioDataModule(L.LightningDataModule):
         return self._loader(self.train_set, sampler=sampler, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
-        dataset = self.val_sequences
-        n = len(dataset)
-        if self.val_batches is not None and self.val_batches * self.batch_size < n:
-            # Evenly spaced, so a capped validation still hears every part of the split.
-            index = torch.linspace(0, n - 1, self.val_batches * self.batch_size).round().long()
-            dataset = Subset(dataset, index.tolist())
-        return self._loader(dataset, shuffle=False, drop_last=False)
+        cap = None if self.val_batches is None else self.val_batches * self.batch_size
+        return self._loader(evenly_spaced(self.val_sequences, cap), shuffle=False, drop_last=False)
 
     def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, **kwargs)
+        return make_loader(dataset, self.batch_size, self.num_workers, **kwargs)

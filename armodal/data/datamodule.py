@@ -14,6 +14,21 @@ from armodal.data.shards import TokenShards, build_or_load_shards
 from armodal.data.sources import DocumentSource
 
 
+def evenly_spaced(dataset: Dataset, count: int | None) -> Dataset:
+    """At most `count` items of `dataset`, evenly spaced (all of it for None or when it holds
+    no more), so a capped validation still sees every part of the split."""
+    n = len(dataset)
+    if count is None or count >= n:
+        return dataset
+    return Subset(dataset, np.linspace(0, n - 1, count).round().astype(int).tolist())
+
+
+def make_loader(dataset: Dataset, batch_size: int, num_workers: int, **kwargs: Any) -> DataLoader:
+    """The DataLoader every data module uses (workers kept alive between epochs)."""
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                      persistent_workers=num_workers > 0, **kwargs)
+
+
 class WindowDataset(Dataset):
     """Windows of `seq_len + 1` tokens starting every `stride` tokens (default: non-overlapping).
 
@@ -135,15 +150,8 @@ class TokenDataModule(L.LightningDataModule):
         return self._loader(self.train_windows, shuffle=True, generator=gen, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
-        dataset: Dataset = self.val_windows
-        n = len(self.val_windows)
-        if self.val_batches is not None and self.val_batches * self.batch_size < n:
-            idx = np.linspace(0, n - 1, self.val_batches * self.batch_size).round().astype(int)
-            dataset = Subset(self.val_windows, idx.tolist())
-        return self._loader(dataset, shuffle=False, drop_last=False)
+        cap = None if self.val_batches is None else self.val_batches * self.batch_size
+        return self._loader(evenly_spaced(self.val_windows, cap), shuffle=False, drop_last=False)
 
     def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
-        return DataLoader(
-            dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0, **kwargs,
-        )
+        return make_loader(dataset, self.batch_size, self.num_workers, **kwargs)

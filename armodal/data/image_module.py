@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from armodal.data.datamodule import make_loader
 from armodal.data.images import ImageSet, ImageSource, split_images
 from armodal.tokenizers.space import TokenSpace
 
@@ -205,5 +206,4 @@ class ImageDataModule(L.LightningDataModule):
         return self._loader(dataset, shuffle=False, drop_last=False)
 
     def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, **kwargs)
+        return make_loader(dataset, self.batch_size, self.num_workers, **kwargs)
