@@ -112,6 +112,9 @@ def run_generate(args: list[str]) -> None:
         return generate_image_grid(run, cfg, decoding, bool(raw) or cfg.prompt_file is not None)
     if run.tokenizer.modality == "audio":
         return generate_audio_files(run, cfg, decoding, bool(raw) or cfg.prompt_file is not None)
+    if run.tokenizer.modality == "action":
+        raise UsageError(f"{run.path} is an action run: it acts in its environment rather than "
+                         f"generating; play it with `armodal eval run={run.path}`")
     draft = None if cfg.draft_run is None else load_run(cfg.draft_run, cfg.device,
                                                         quantize=cfg.quantize)
     if cfg.format == "text" and len(prompts) == 1 and decoding.num_return_sequences == 1 \

@@ -342,5 +342,8 @@ def test_train_then_eval_an_action_run_from_the_cli(tmp_path, capsys):
     assert "scripted expert" in table and "behaviour cloning (MLP)" in table
     expert = next(s for s in record["scores"] if s["policy"] == "scripted expert")
     assert expert["returns"] == [500.0, 500.0] and record["env_id"] == "CartPole-v1"
-    with pytest.raises(SystemExit):
-        main(["eval", f"run={result.run_dir}", "data=README.md"])
+    for refused in (["eval", f"run={result.run_dir}", "data=README.md"],
+                    ["generate", f"run={result.run_dir}"]):
+        with pytest.raises(SystemExit):
+            main(refused)
+        assert "an action run" in capsys.readouterr().err
