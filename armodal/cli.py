@@ -199,6 +199,11 @@ class friendly_errors:
         from hydra.errors import HydraException
         from omegaconf.errors import OmegaConfBaseException
 
+        from armodal.data.resumable import RunStopped
+
+        if isinstance(error, RunStopped):  # a clean stop on SIGTERM / SIGINT, checkpoint saved
+            print(f"armodal {self.command}: stopped on {error}", file=sys.stderr)
+            sys.exit(error.exit_code)
         user_errors = (UsageError, ValueError, FileNotFoundError, HydraException,
                        OmegaConfBaseException)
         if error is not None and isinstance(error, user_errors):

@@ -19,6 +19,7 @@ from armodal.data import TokenDataModule
 from armodal.data.action_module import ActionDataModule
 from armodal.data.audio_module import AudioDataModule
 from armodal.data.image_module import ImageDataModule
+from armodal.data.resumable import RunStopped, StopOnSignal
 from armodal.lit import ARModule
 from armodal.loggers import finish_runs
 
@@ -94,10 +95,12 @@ def train(cfg: DictConfig) -> TrainResult:
     loggers = [instantiate(c) for c in cfg.logger.values()]
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
                                      default_root_dir=str(run_dir))
-    if cfg.resume is not None and not Path(cfg.resume).is_file():
-        raise FileNotFoundError(f"resume={cfg.resume!r} is not a file; pass a Lightning "
-                                f"checkpoint such as <run dir>/checkpoints/last.ckpt")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from(cfg, run_dir))
+    for callback in callbacks:
+        if isinstance(callback, StopOnSignal) and callback.received is not None:
+            raise RunStopped(f"{callback.received} at step {trainer.global_step}: saved "
+                             f"{callback.dirpath / 'last.ckpt'}; continue with the same command "
+                             f"plus resume=auto run_dir={run_dir}", callback.received)
     if not module.val_history or module.val_history[-1][0] != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # the final figure
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -118,6 +121,21 @@ def train(cfg: DictConfig) -> TrainResult:
                          time.perf_counter() - start, module, trainer, datamodule)
     print(summary(result, unit))
     return result
+
+
+def resume_from(cfg: DictConfig, run_dir: Path) -> str | None:
+    """The checkpoint to continue from: resume=auto takes <run_dir>/checkpoints/last.ckpt when
+    a killed run left one (and starts afresh when not), any other value is a checkpoint path."""
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "auto":
+        last = run_dir / "checkpoints" / "last.ckpt"
+        return str(last) if last.is_file() else None
+    if not Path(cfg.resume).is_file():
+        raise FileNotFoundError(f"resume={cfg.resume!r} is not a file; pass resume=auto (with "
+                                f"run_dir=<the run's dir>) or a Lightning checkpoint such as "
+                                f"<run dir>/checkpoints/last.ckpt")
+    return cfg.resume
 
 
 def build_datamodule(cfg: DictConfig, tokenizer) -> TokenDataModule | ImageDataModule \

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from armodal.data.datamodule import evenly_spaced, make_loader
+from armodal.data.datamodule import evenly_spaced, make_loader, make_train_loader
 from armodal.data.episodes import Episode, check_episodes
 from armodal.data.splits import split_indices
 from armodal.tokenizers.trajectory import TrajectoryTokenizer
@@ -174,7 +174,7 @@ class ActionDataModule(L.LightningDataModule):
         gen = torch.Generator().manual_seed(self.seed)
         sampler = RandomSampler(self.train_set, replacement=True, num_samples=self._epoch_size,
                                 generator=gen)
-        return self._loader(self.train_set, sampler=sampler, drop_last=True)
+        return make_train_loader(self.train_set, sampler, self.batch_size, self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         cap = None if self.val_batches is None else self.val_batches * self.batch_size

@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from armodal.data.audio import AudioSet, AudioSource, split_audio
-from armodal.data.datamodule import WindowDataset, evenly_spaced, make_loader
+from armodal.data.datamodule import WindowDataset, evenly_spaced, make_loader, make_train_loader
 from armodal.tokenizers.patterns import stream_pattern
 from armodal.tokenizers.space import TokenSpace
 
@@ -229,7 +229,7 @@ class AudioDataModule(L.LightningDataModule):
         # mu-law: every sample offset is a window start; an epoch is as many windows as fit.
         sampler = RandomSampler(self.train_set, replacement=self.layout.pattern is None,
                                 num_samples=self._epoch_size, generator=gen)
-        return self._loader(self.train_set, sampler=sampler, drop_last=True)
+        return make_train_loader(self.train_set, sampler, self.batch_size, self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         cap = None if self.val_batches is None else self.val_batches * self.batch_size

@@ -8,8 +8,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, Subset
 
+from armodal.data.resumable import ResumableLoader
 from armodal.data.shards import TokenShards, build_or_load_shards
 from armodal.data.sources import DocumentSource
 
@@ -27,6 +28,13 @@ def make_loader(dataset: Dataset, batch_size: int, num_workers: int, **kwargs: A
     """The DataLoader every data module uses (workers kept alive between epochs)."""
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                       persistent_workers=num_workers > 0, **kwargs)
+
+
+def make_train_loader(dataset: Dataset, sampler: Sampler[int], batch_size: int,
+                      num_workers: int, **kwargs: Any) -> ResumableLoader:
+    """The training DataLoader of every data module: it resumes mid-epoch, exactly."""
+    return ResumableLoader(dataset, sampler, batch_size, num_workers=num_workers,
+                           persistent_workers=num_workers > 0, drop_last=True, **kwargs)
 
 
 class WindowDataset(Dataset):
@@ -146,8 +154,11 @@ class TokenDataModule(L.LightningDataModule):
             # Every start offset is a candidate; one epoch = as many windows as "windows" mode.
             dataset = WindowDataset(self.shards.train, self.seq_len, stride=1, name="train split")
             sampler = RandomSampler(dataset, replacement=True, num_samples=len(self.train_windows), generator=gen)
-            return self._loader(dataset, sampler=sampler, drop_last=True)
-        return self._loader(self.train_windows, shuffle=True, generator=gen, drop_last=True)
+            return make_train_loader(dataset, sampler, self.batch_size, self.num_workers)
+        # What DataLoader(shuffle=True, generator=gen) builds, the sampler made explicit.
+        sampler = RandomSampler(self.train_windows, generator=gen)
+        return make_train_loader(self.train_windows, sampler, self.batch_size, self.num_workers,
+                                 generator=gen)
 
     def val_dataloader(self) -> DataLoader:
         cap = None if self.val_batches is None else self.val_batches * self.batch_size

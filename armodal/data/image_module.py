@@ -18,9 +18,9 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, RandomSampler, get_worker_info
 
-from armodal.data.datamodule import make_loader
+from armodal.data.datamodule import make_loader, make_train_loader
 from armodal.data.images import ImageSet, ImageSource, split_images
 from armodal.tokenizers.space import TokenSpace
 
@@ -197,7 +197,9 @@ class ImageDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         gen = torch.Generator().manual_seed(self.seed)
-        return self._loader(self.train_set, shuffle=True, generator=gen, drop_last=True)
+        # What DataLoader(shuffle=True, generator=gen) builds, the sampler made explicit.
+        return make_train_loader(self.train_set, RandomSampler(self.train_set, generator=gen),
+                                 self.batch_size, self.num_workers, generator=gen)
 
     def val_dataloader(self) -> DataLoader:
         dataset = self.val_sequences  # (N, L): every image with its true class
