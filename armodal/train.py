@@ -19,7 +19,7 @@ from armodal.data import TokenDataModule
 from armodal.data.action_module import ActionDataModule
 from armodal.data.audio_module import AudioDataModule
 from armodal.data.image_module import ImageDataModule
-from armodal.data.resumable import RunStopped, StopOnSignal
+from armodal.data.resumable import AtomicCheckpointIO, RunStopped, StopOnSignal
 from armodal.lit import ARModule
 from armodal.loggers import finish_runs
 
@@ -94,7 +94,8 @@ def train(cfg: DictConfig) -> TrainResult:
         callbacks.append(sample_callback(cfg, datamodule, decoding, run_dir))
     loggers = [instantiate(c) for c in cfg.logger.values()]
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
-                                     default_root_dir=str(run_dir))
+                                     default_root_dir=str(run_dir),
+                                     plugins=[AtomicCheckpointIO()])
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from(cfg, run_dir))
     for callback in callbacks:
         if isinstance(callback, StopOnSignal) and callback.received is not None:

@@ -138,3 +138,30 @@ def make_loader(data: list[int], seed: int) -> ResumableLoader:
     gen = torch.Generator().manual_seed(seed)
     return ResumableLoader(data, RandomSampler(data, generator=gen), batch_size=4,
                            drop_last=True)
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path, small_corpus,
+                                                             monkeypatch, uninterrupted):
+    """A torn write: the third save dies after writing half its bytes. last.ckpt is still the
+    previous, loadable checkpoint, and resume=auto continues from it."""
+    import armodal.data.resumable as resumable
+
+    real_save, saves = torch.save, []
+
+    def torn_save(obj, f):
+        saves.append(obj["global_step"])
+        if len(saves) == 3:
+            f.write(b"\x00" * 1000)  # half a file, then the process "dies"
+            raise RuntimeError("killed while saving")
+        real_save(obj, f)
+
+    monkeypatch.setattr(resumable.torch, "save", torn_save)
+    run_dir = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="killed while saving"):
+        train(compose_config(RECIPES_DIR, "text_char_shakespeare",
+                             overrides(small_corpus, run_dir)))
+    monkeypatch.undo()
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert checkpoint_step(last) == saves[1] == 10  # the save before the torn one
+    assert (run_dir / "checkpoints" / "last.ckpt.tmp").stat().st_size == 1000
+    resume_and_compare(small_corpus, run_dir, uninterrupted)

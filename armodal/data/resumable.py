@@ -10,6 +10,7 @@ an uninterrupted run would have seen, with or without worker processes.
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import threading
@@ -20,9 +21,10 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["ResumableLoader", "ExactResume", "StopOnSignal", "RunStopped", "rng_states", "set_rng_states"]
+__all__ = ["AtomicCheckpointIO", "ResumableLoader", "ExactResume", "StopOnSignal", "RunStopped", "rng_states", "set_rng_states"]
 
 
 class _SkippingSampler(Sampler[int]):
@@ -133,6 +135,23 @@ def set_rng_states(states: dict) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO, writing `<path>.tmp` beside the checkpoint, flushed to disk,
+    then renamed over it: a process killed while saving leaves the previous checkpoint whole.
+    (Lightning's own save renames from the system temp dir, which is a copy, not an atomic
+    rename, when that dir is on another filesystem.)"""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 class RunStopped(Exception):
