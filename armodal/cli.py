@@ -199,7 +199,7 @@ class friendly_errors:
         from hydra.errors import HydraException
         from omegaconf.errors import OmegaConfBaseException
 
-        from armodal.data.resumable import RunStopped
+        from armodal.resume import RunStopped
 
         if isinstance(error, RunStopped):  # a clean stop on SIGTERM / SIGINT, checkpoint saved
             print(f"armodal {self.command}: stopped on {error}", file=sys.stderr)

@@ -19,9 +19,9 @@ from armodal.data import TokenDataModule
 from armodal.data.action_module import ActionDataModule
 from armodal.data.audio_module import AudioDataModule
 from armodal.data.image_module import ImageDataModule
-from armodal.data.resumable import AtomicCheckpointIO, RunStopped, StopOnSignal
 from armodal.lit import ARModule
 from armodal.loggers import finish_runs
+from armodal.resume import AtomicCheckpointIO, RunStopped, StopOnSignal
 
 
 @dataclass

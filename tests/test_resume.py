@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from armodal.cli import RECIPES_DIR, compose_config
-from armodal.data.resumable import ResumableLoader
+from armodal.resume import ResumableLoader
 from armodal.train import train
 
 STEPS = 200
@@ -144,7 +144,7 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path, small_cor
                                                              monkeypatch, uninterrupted):
     """A torn write: the third save dies after writing half its bytes. last.ckpt is still the
     previous, loadable checkpoint, and resume=auto continues from it."""
-    import armodal.data.resumable as resumable
+    import armodal.resume as resume
 
     real_save, saves = torch.save, []
 
@@ -155,7 +155,7 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path, small_cor
             raise RuntimeError("killed while saving")
         real_save(obj, f)
 
-    monkeypatch.setattr(resumable.torch, "save", torn_save)
+    monkeypatch.setattr(resume.torch, "save", torn_save)
     run_dir = tmp_path / "run"
     with pytest.raises(RuntimeError, match="killed while saving"):
         train(compose_config(RECIPES_DIR, "text_char_shakespeare",

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, Subset
 
-from armodal.data.resumable import ResumableLoader
 from armodal.data.shards import TokenShards, build_or_load_shards
 from armodal.data.sources import DocumentSource
+from armodal.resume import ResumableLoader
 
 
 def evenly_spaced(dataset: Dataset, count: int | None) -> Dataset:

@@ -1,11 +1,13 @@
-"""ResumableLoader: a training DataLoader whose place inside the epoch survives a restart.
+"""Exact resume: what lets a killed or stopped training run continue as if never interrupted.
 
-Lightning saves a loader's `state_dict()` in every checkpoint and hands it back through
-`load_state_dict()` on resume. The state here is small and exact: the sampler generator's
-state when the current epoch began, and how many batches of the epoch the training loop has
-taken. Resuming restores the generator, replays the sampler past those batches (indices only: no
-sample is read) and carries on, so the rest of the run sees the very batches, in the very order,
-an uninterrupted run would have seen, with or without worker processes.
+ResumableLoader    every training DataLoader: its checkpointed state is the sampler generator's
+                   state when the epoch began and the batches of the epoch already trained on;
+                   resuming replays the sampler past them (indices only, no sample is read),
+                   so the rest of the run sees the very batches, in the very order.
+ExactResume        a callback: counts finished steps for the loader (which runs a batch ahead)
+                   and keeps python's, numpy's and torch's global RNG states in the checkpoint.
+StopOnSignal       SIGTERM / SIGINT: finish the step, save last.ckpt, stop (RunStopped).
+AtomicCheckpointIO checkpoints written beside their final name, flushed, renamed into place.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["AtomicCheckpointIO", "ResumableLoader", "ExactResume", "StopOnSignal", "RunStopped", "rng_states", "set_rng_states"]
+__all__ = ["AtomicCheckpointIO", "ExactResume", "ResumableLoader", "RunStopped", "StopOnSignal",
+           "rng_states", "set_rng_states"]
 
 
 class _SkippingSampler(Sampler[int]):
