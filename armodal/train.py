@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -96,7 +97,12 @@ def train(cfg: DictConfig) -> TrainResult:
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
                                      default_root_dir=str(run_dir),
                                      plugins=[AtomicCheckpointIO()])
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from(cfg, run_dir))
+    resume = resume_from(cfg, run_dir)
+    try:  # weights_only: a checkpoint someone handed over is data, never code to run
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"refusing checkpoint {resume}: it holds objects other than tensors and "
+                         f"plain data, which could run code when unpickled ({err})") from err
     for callback in callbacks:
         if isinstance(callback, StopOnSignal) and callback.received is not None:
             raise RunStopped(f"{callback.received} at step {trainer.global_step}: saved "

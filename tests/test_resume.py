@@ -165,3 +165,24 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path, small_cor
     assert checkpoint_step(last) == saves[1] == 10  # the save before the torn one
     assert (run_dir / "checkpoints" / "last.ckpt.tmp").stat().st_size == 1000
     resume_and_compare(small_corpus, run_dir, uninterrupted)
+
+
+class _Hostile:
+    """Unpickling this runs a shell command: what a malicious checkpoint would carry."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_hostile_checkpoint_is_refused_without_running_anything(tmp_path, small_corpus):
+    marker = tmp_path / "pwned"
+    hostile = tmp_path / "hostile.ckpt"
+    torch.save({"state_dict": {}, "payload": _Hostile(marker)}, hostile)
+    cfg = compose_config(RECIPES_DIR, "text_char_shakespeare",
+                         [*overrides(small_corpus, tmp_path / "run"), f"resume={hostile}"])
+    with pytest.raises(ValueError, match="refusing checkpoint .*hostile.ckpt"):
+        train(cfg)
+    assert not marker.exists()  # nothing ran
