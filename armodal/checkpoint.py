@@ -134,12 +134,24 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu",
     except json.JSONDecodeError as err:
         raise ValueError(f"{config_path} is not valid JSON ({err}); the run directory is "
                          f"damaged") from err
+    if not isinstance(meta, dict):
+        raise ValueError(f"{config_path} holds a JSON {type(meta).__name__}, not an object; the "
+                         f"run directory is damaged")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{config_path} has format_version {meta.get('format_version')!r}; "
                          f"this armodal reads version {FORMAT_VERSION}")
-    space = TokenSpace.from_dict(meta["space"])
-    tokenizer = tokenizer_from_config(meta["tokenizer"])
-    model = Transformer(ModelConfig(**meta["model"]))
+    missing = [key for key in ("model", "space", "tokenizer")
+               if not isinstance(meta.get(key), dict)]
+    if missing:
+        raise ValueError(f"{config_path} has no {' / '.join(missing)} object; the run directory "
+                         f"is damaged")
+    try:
+        space = TokenSpace.from_dict(meta["space"])
+        tokenizer = tokenizer_from_config(meta["tokenizer"])
+        model = Transformer(ModelConfig(**meta["model"]))
+    except (KeyError, TypeError) as err:  # a field missing, misnamed or of the wrong type
+        raise ValueError(f"{config_path} does not describe a run ({type(err).__name__}: {err}); "
+                         f"the run directory is damaged") from err
     saved = meta.get("quantization")
     if saved is not None:
         if quantize is not None and quantize != saved["mode"]:

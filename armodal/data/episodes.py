@@ -36,10 +36,20 @@ class Episode:
     meta: dict = field(default_factory=dict)  # env_id, policy, noise, seed, ...
 
     def __post_init__(self) -> None:
-        self.observations = np.asarray(self.observations, dtype=np.float32)
-        self.rewards = np.asarray(self.rewards, dtype=np.float32)
-        actions = np.asarray(self.actions)
-        self.actions = actions.astype(np.int64 if self.discrete else np.float32)
+        who = self.meta.get("path", "episode")
+        for name in ("observations", "actions", "rewards"):
+            value = np.asarray(getattr(self, name))
+            if value.dtype.kind not in "biuf":  # not strings, dates, complex or objects
+                raise ValueError(f"{who}: {name} must be real numbers, got dtype {value.dtype}")
+            if not np.isfinite(value).all():
+                raise ValueError(f"{who}: {name} holds NaN or inf values")
+            setattr(self, name, value)
+        if self.actions.ndim == 1 and (self.actions != np.round(self.actions)).any():
+            raise ValueError(f"{who}: (T,) actions are discrete and must be whole numbers; "
+                             f"store continuous actions as (T, D_act)")
+        self.observations = self.observations.astype(np.float32)
+        self.rewards = self.rewards.astype(np.float32)
+        self.actions = self.actions.astype(np.int64 if self.discrete else np.float32)
         self._check()
 
     @property
@@ -64,10 +74,10 @@ class Episode:
 
     def _check(self) -> None:
         who = self.meta.get("path", "episode")
-        t = len(self.rewards)
         if "env_id" not in self.meta:
             raise ValueError(f"{who}: meta has no env_id (e.g. 'CartPole-v1')")
-        if t == 0 or self.rewards.ndim != 1:
+        t = len(self.rewards) if self.rewards.ndim == 1 else 0
+        if t == 0:
             raise ValueError(f"{who}: rewards must be (T,) with T >= 1, got shape "
                              f"{self.rewards.shape}")
         if self.observations.ndim != 2 or len(self.observations) != t:
@@ -76,9 +86,6 @@ class Episode:
         if self.actions.ndim not in (1, 2) or len(self.actions) != t:
             raise ValueError(f"{who}: actions must be (T={t},) discrete or (T={t}, D_act) "
                              f"continuous, got shape {self.actions.shape}")
-        for name in ("observations", "actions", "rewards"):
-            if not np.isfinite(getattr(self, name)).all():
-                raise ValueError(f"{who}: {name} holds NaN or inf values")
 
 
 def save_episode(path: str | Path, episode: Episode) -> Path:
@@ -96,13 +103,17 @@ def load_episode(path: str | Path) -> Episode:
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as data:
-            missing = [name for name in REQUIRED_FIELDS if name not in data.files]
-            if missing:
-                raise ValueError(f"episode file {path} lacks {', '.join(missing)}; an episode "
-                                 f"needs {', '.join(REQUIRED_FIELDS)} (armodal.data.episodes)")
-            arrays = {name: data[name] for name in REQUIRED_FIELDS}
-    except (OSError, EOFError, zipfile.BadZipFile) as err:
-        raise ValueError(f"episode file {path} cannot be read as .npz: {err}") from err
+            arrays = {name: data[name] for name in REQUIRED_FIELDS if name in data.files}
+    # What numpy and zipfile raise for a torn, corrupted or foreign file (an object array,
+    # an "encrypted" or unknown-compression member): one error that names the file.
+    except (OSError, EOFError, ValueError, RuntimeError, NotImplementedError,
+            zipfile.BadZipFile) as err:
+        raise ValueError(f"episode file {path} cannot be read as .npz "
+                         f"({type(err).__name__}: {err})") from err
+    missing = [name for name in REQUIRED_FIELDS if name not in arrays]
+    if missing:
+        raise ValueError(f"episode file {path} lacks {', '.join(missing)}; an episode "
+                         f"needs {', '.join(REQUIRED_FIELDS)} (armodal.data.episodes)")
     try:
         meta = json.loads(str(arrays.pop("meta")))
     except json.JSONDecodeError as err:

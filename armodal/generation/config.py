@@ -28,6 +28,14 @@ def _is_real(value: object) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool)
 
 
+def _finite(value: object) -> bool:
+    """A real number that is finite as a float (10**400 is not)."""
+    try:
+        return _is_real(value) and math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 @dataclass(frozen=True)
 class DecodingConfig:
     """How to turn next-token distributions into sequences.
@@ -163,7 +171,7 @@ class DecodingConfig:
             _fail("repetition_penalty", self.repetition_penalty, "a number > 0 (1 is off)")
         for name in ("presence_penalty", "frequency_penalty", "length_penalty"):
             value = getattr(self, name)
-            if not (_is_real(value) and math.isfinite(value)):
+            if not _finite(value):
                 _fail(name, value, "a finite number")
         _check_int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0)
         _check_int("num_return_sequences", self.num_return_sequences, 1)
@@ -175,7 +183,7 @@ class DecodingConfig:
         if self.beam_length not in BEAM_LENGTHS:
             _fail("beam_length", self.beam_length, f"one of {BEAM_LENGTHS}")
         _check_int("top_logprobs", self.top_logprobs, 0)
-        if not (_is_real(self.cfg_scale) and math.isfinite(self.cfg_scale)):
+        if not _finite(self.cfg_scale):
             _fail("cfg_scale", self.cfg_scale, "a finite number (1 is off)")
         for name in ("use_cache", "compile", "adaptive_draft"):
             if not isinstance(getattr(self, name), bool):

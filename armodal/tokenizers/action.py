@@ -30,6 +30,8 @@ OUT_OF_RANGE = ("clamp", "error")
 
 # Half-width given to a constant dimension so its uniform edges stay strictly increasing.
 _MIN_HALF_WIDTH = 1e-6
+# Values (and low / high) must fit float32 with room for bin arithmetic (high - low).
+_MAX_MAGNITUDE = 1e37
 
 
 def _target(obj: object) -> str:
@@ -50,9 +52,11 @@ def _bound(value: Any, name: str) -> float | list[float] | None:
     if value is None:
         return None
     arr = np.asarray(value, dtype=np.float64)
-    if arr.ndim > 1 or arr.size == 0 or not np.isfinite(arr).all():
+    if arr.ndim > 1 or arr.size == 0 or not np.isfinite(arr).all() \
+            or np.abs(arr).max() > _MAX_MAGNITUDE:
         raise ValueError(f"BinTokenizer: {name} must be a finite number or a non-empty list of "
-                         f"finite numbers (one per dimension), got {value!r}")
+                         f"finite numbers (one per dimension) within +-{_MAX_MAGNITUDE:g}, got "
+                         f"{value!r}")
     return float(arr) if arr.ndim == 0 else [float(v) for v in arr]
 
 
@@ -153,6 +157,9 @@ class BinTokenizer:
         if x.shape[0] == 0:
             raise ValueError(f"{self._who}.fit: the samples hold no values")
         _check_finite(x, f"{self._who}.fit")
+        if np.abs(x).max() > _MAX_MAGNITUDE:
+            raise ValueError(f"{self._who}.fit: values reach {float(np.abs(x).max())!r}; bins "
+                             f"decode to float32, so |x| must stay within {_MAX_MAGNITUDE:g}")
         d = x.shape[1]
         if self.low is not None:
             edges = self._range_edges(d)

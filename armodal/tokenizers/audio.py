@@ -35,6 +35,8 @@ def check_wave(wave: Tensor, who: str, batched: bool = False) -> Tensor:
                          f"mix multi-channel audio to mono first")
     if wave.shape[-1] == 0:
         raise ValueError(f"{who}: the waveform holds no samples")
+    if not torch.isfinite(wave).all():
+        raise ValueError(f"{who}: the waveform holds NaN or inf samples")
     return wave.float()
 
 

@@ -23,6 +23,10 @@ def _target(obj: object) -> str:
 def _check_str(sample: object, who: str) -> str:
     if not isinstance(sample, str):
         raise TypeError(f"{who}.encode expects str, got {type(sample).__name__}")
+    try:
+        sample.encode("utf-8")
+    except UnicodeEncodeError as err:  # a lone surrogate: not text any tokenizer can hold
+        raise ValueError(f"{who}.encode: the text is not valid Unicode ({err})") from err
     return sample
 
 
