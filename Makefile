@@ -23,7 +23,7 @@ demo: $(STAMP)  ## set up, train the default recipe end to end, then sample and 
 test: $(STAMP)  ## set up, then run the default (CPU, < 15 min) test suite
 	$(BIN)/python -m pytest -q
 
-test-slow: $(STAMP)  ## the long end-to-end tests (the full demo, README commands)
+test-slow: $(STAMP)  ## the long tests (the full demo, README commands, fuzzing at 500 examples)
 	$(BIN)/python -m pytest -q -m slow
 
 bench: $(STAMP)  ## char-level shakespeare against wall-clock (needs the data file)
