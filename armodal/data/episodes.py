@@ -44,9 +44,10 @@ class Episode:
             if not np.isfinite(value).all():
                 raise ValueError(f"{who}: {name} holds NaN or inf values")
             setattr(self, name, value)
-        if self.actions.ndim == 1 and (self.actions != np.round(self.actions)).any():
-            raise ValueError(f"{who}: (T,) actions are discrete and must be whole numbers; "
-                             f"store continuous actions as (T, D_act)")
+        if self.actions.ndim == 1 and ((self.actions != np.round(self.actions)).any()
+                                       or np.abs(self.actions).max(initial=0) >= 2**62):
+            raise ValueError(f"{who}: (T,) actions are discrete and must be whole numbers (action "
+                             f"indices); store continuous actions as (T, D_act)")
         self.observations = self.observations.astype(np.float32)
         self.rewards = self.rewards.astype(np.float32)
         self.actions = self.actions.astype(np.int64 if self.discrete else np.float32)
