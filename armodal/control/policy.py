@@ -50,6 +50,7 @@ class SequencePolicy:
                              f"the control loop; use greedy or sample")
         self.group = tokenizer.group
         self.n_action = tokenizer.dims()["action"]
+        self.n_observation = tokenizer.dims()["observation"]
         self.context = context
         need = context * self.group - 1
         if model.config.max_seq_len < need:
@@ -163,7 +164,7 @@ class SequencePolicy:
 
     def _check_observations(self, observations: np.ndarray) -> np.ndarray:
         observations = np.asarray(observations, dtype=np.float32)
-        dim = self.tokenizer.dims()["observation"]
+        dim = self.n_observation
         if observations.ndim != 2 or observations.shape[1] != dim:
             raise ValueError(f"observations must be (B, {dim}), got shape {observations.shape}")
         return observations
