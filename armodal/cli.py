@@ -8,23 +8,25 @@
     armodal generate run=<dir> prompt="..." decoding=speculative draft_run=<smaller run dir>
     armodal generate run=<image run dir> image.classes=[3,7] decoding.cfg_scale=2   (PNG grid)
     armodal generate run=<audio run dir> audio.seconds=2 audio.prompt=val   (WAV + PNG files)
+
+A mistake in the command or the config is reported in one line (exit status 2); --debug (or
+HYDRA_FULL_ERROR=1) shows the full traceback instead.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
+
+from armodal.cli_errors import UsageError, friendly_errors
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = ROOT / "conf"
 RECIPES_DIR = ROOT / "recipes"
 DEFAULT_RECIPE = "text_code_cpu"
 USAGE = __doc__.split("\n\n", 1)[1]
-
-
-class UsageError(Exception):
-    """Bad command-line input; printed as one line, exit status 2."""
 
 
 def available_recipes() -> list[str]:
@@ -74,11 +76,18 @@ def quiet_lightning() -> None:
 def run_train(args: list[str]) -> None:
     import hydra
 
+    from armodal.config_checks import check_train_config
     from armodal.train import train
 
     recipe, overrides = split_args(args)
     config_dir, name = resolve_recipe(recipe or DEFAULT_RECIPE)
     quiet_lightning()
+    if not {"-m", "--multirun"} & set(overrides):
+        # Compose and check here first, so that a wrong key or value is one line now, not
+        # Hydra's multi-line report, nor an error after minutes of tokenizer fitting.
+        # (A sweep's values are checked per job, in train().)
+        with friendly_errors("train", lambda: compose_config(config_dir, name, [])):
+            check_train_config(compose_config(config_dir, name, overrides))
 
     def task(cfg) -> None:
         with friendly_errors("train"):
@@ -186,37 +195,14 @@ def eval_action_run(cfg) -> None:
     print(json.dumps(result.as_dict()))
 
 
-class friendly_errors:
-    """Turn the errors a user can cause into one line on stderr and exit status 2."""
-
-    def __init__(self, command: str):
-        self.command = command
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind, error, tb) -> bool:
-        from hydra.errors import HydraException
-        from omegaconf.errors import OmegaConfBaseException
-
-        from armodal.resume import RunStopped
-
-        if isinstance(error, RunStopped):  # a clean stop on SIGTERM / SIGINT, checkpoint saved
-            print(f"armodal {self.command}: stopped on {error}", file=sys.stderr)
-            sys.exit(error.exit_code)
-        user_errors = (UsageError, ValueError, FileNotFoundError, HydraException,
-                       OmegaConfBaseException)
-        if error is not None and isinstance(error, user_errors):
-            print(f"armodal {self.command}: error: {error}", file=sys.stderr)
-            sys.exit(2)
-        return False
-
-
 COMMANDS = {"train": run_train, "generate": run_generate, "eval": run_eval}
 
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
+    if "--debug" in args:
+        args = [a for a in args if a != "--debug"]
+        os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra's own errors show their traceback too
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE)
         return
@@ -224,7 +210,9 @@ def main(argv: list[str] | None = None) -> None:
     if command not in COMMANDS:
         with friendly_errors(command):
             raise UsageError(f"unknown command {command!r}; use one of {', '.join(COMMANDS)}")
-    with friendly_errors(command):
+    # train composes its recipe and names its own; generate and eval compose conf/<command>.yaml
+    base_config = None if command == "train" else (lambda: compose_config(CONF_DIR, command, []))
+    with friendly_errors(command, base_config):
         COMMANDS[command](args[1:])
 
 

@@ -45,6 +45,9 @@ class ModelConfig:
             self.d_ff = 64 * math.ceil(8 * self.d_model / 3 / 64)
         checks = [
             (self.vocab_size > 0, f"vocab_size must be positive, got {self.vocab_size}"),
+            (self.n_layer >= 1 and self.n_head >= 1 and self.d_model >= 1,
+             f"n_layer, n_head and d_model must be >= 1, got {self.n_layer}, {self.n_head} and "
+             f"{self.d_model}"),
             (self.d_model % self.n_head == 0,
              f"d_model={self.d_model} must be divisible by n_head={self.n_head}"),
             (self.n_kv_head > 0 and self.n_head % self.n_kv_head == 0,

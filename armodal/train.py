@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from armodal.callbacks import PlayEpisodes, SampleAudio, SampleImages, SampleText
 from armodal.checkpoint import save_run
+from armodal.config_checks import check_train_config
 from armodal.data import TokenDataModule
 from armodal.data.action_module import ActionDataModule
 from armodal.data.audio_module import AudioDataModule
@@ -64,6 +65,7 @@ def train(cfg: DictConfig) -> TrainResult:
 
     A config with `task: codec` trains a neural image tokenizer instead (armodal.codecs.train),
     `task: audio_codec` a neural audio codec (armodal.codecs.audio_train)."""
+    check_train_config(cfg)  # a bad value fails now, naming its key, not after the data work
     if cfg.get("task") == "codec":
         from armodal.codecs.train import train_codec
 
