@@ -41,7 +41,9 @@ class LoadedRun:
     path: Path
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary name beside it: a process killed midway
+    leaves the old file (or none), never a torn one that the next load reads."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -59,7 +61,7 @@ def save_weights_then_config(directory: str | Path, model: torch.nn.Module, weig
     # save_model handles tied weights (shared storage), which save_file refuses.
     save_model(model, str(tmp))
     os.replace(tmp, directory / weights)
-    _atomic_write_text(directory / config, json.dumps(make_config(directory / weights), indent=2))
+    atomic_write_text(directory / config, json.dumps(make_config(directory / weights), indent=2))
     return directory
 
 

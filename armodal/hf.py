@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from armodal.checkpoint import atomic_write_text
 from armodal.model import ModelConfig, Transformer
 
 __all__ = ["load_llama", "save_llama", "config_from_hf", "config_to_hf"]
@@ -258,9 +259,10 @@ def save_llama(model: Transformer, path: str | Path, dtype: torch.dtype | None =
     tensors = {_to_hf_name(name): t.detach().to("cpu", dtype).contiguous()
                for name, t in model.state_dict().items()
                if not (config.tie_embeddings and name == "head.weight")}
+    (path / "config.json").unlink(missing_ok=True)  # no stale config beside new weights
     tmp = path / (WEIGHTS + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, path / WEIGHTS)
     hf = config_to_hf(config, dtype, bos_token_id, eos_token_id, pad_token_id)
-    (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    atomic_write_text(path / "config.json", json.dumps(hf, indent=2) + "\n")
     return path

@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from armodal.callbacks import PlayEpisodes, SampleAudio, SampleImages, SampleText
-from armodal.checkpoint import save_run
+from armodal.checkpoint import atomic_write_text, save_run
 from armodal.config_checks import check_train_config
 from armodal.data import TokenDataModule
 from armodal.data.action_module import ActionDataModule
@@ -55,7 +55,7 @@ def start_run(cfg: DictConfig) -> Path:
     """Fix and create the run dir, write the resolved config into it, seed everything."""
     run_dir = resolve_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "train_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_text(run_dir / "train_config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     return run_dir
 
