@@ -88,13 +88,9 @@ def config_from_hf(hf: dict, max_seq_len: int | None = None) -> ModelConfig:
     hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
     problems = []
     # transformers >= 5 writes rope_parameters; older versions rope_theta + rope_scaling.
-    rope = hf.get("rope_parameters") or {}
+    rope = {**(hf.get("rope_parameters") or {}), **(hf.get("rope_scaling") or {})}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if hf.get("rope_scaling") is not None:
-        problems.append(f"rope_scaling={hf['rope_scaling']!r} is unsupported (only plain RoPE)")
-    elif rope_type != "default":
-        problems.append(f"rope_parameters={rope!r} is unsupported: rope_type {rope_type!r} "
-                        f"is a rope scaling; only 'default' (plain RoPE) is")
+    scaling = rope_scaling_from_hf(rope, rope_type, problems)
     for flag in ("attention_bias", "mlp_bias"):
         if hf.get(flag):
             problems.append(f"{flag}=true is unsupported (armodal's linear layers have no bias)")
@@ -116,6 +112,7 @@ def config_from_hf(hf: dict, max_seq_len: int | None = None) -> ModelConfig:
         d_ff=hf["intermediate_size"],
         max_seq_len=max_seq_len or hf.get("max_position_embeddings", 2048),
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        **scaling,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
         norm_eps=hf.get("rms_norm_eps", 1e-6),
@@ -123,10 +120,50 @@ def config_from_hf(hf: dict, max_seq_len: int | None = None) -> ModelConfig:
     )
 
 
+# The RoPE scalings both sides compute alike, and the keys each may carry (at their defaults).
+HF_ROPE_KEYS = {"linear": {"factor"},
+                "yarn": {"factor", "original_max_position_embeddings", "truncate", "beta_fast",
+                         "beta_slow"}}
+HF_YARN_DEFAULTS = {"truncate": True, "beta_fast": 32, "beta_slow": 1}
+
+
+def rope_scaling_from_hf(rope: dict, rope_type: str, problems: list[str]) -> dict:
+    """ModelConfig's rope_scaling fields for a Hugging Face rope dict; what armodal does not
+    compute the same way is appended to `problems`."""
+    if rope_type == "default":
+        return {}
+    extra = set(rope) - HF_ROPE_KEYS.get(rope_type, set()) - {"rope_type", "type", "rope_theta"}
+    off_default = [k for k, v in HF_YARN_DEFAULTS.items()
+                   if rope_type == "yarn" and rope.get(k, v) not in (v, None)]
+    if rope_type not in HF_ROPE_KEYS or extra or off_default:
+        problems.append(f"rope parameters {rope!r} are unsupported: armodal computes rope_type "
+                        f"'default', 'linear', and 'yarn' with factor and "
+                        f"original_max_position_embeddings only")
+        return {}
+    return {"rope_scaling": rope_type, "rope_factor": float(rope["factor"]),
+            "rope_original_len": rope.get("original_max_position_embeddings")}
+
+
+def rope_to_hf(config: ModelConfig) -> dict:
+    """rope_parameters for a ModelConfig. NTK-aware scaling is plain RoPE at a larger theta."""
+    theta, factor = config.rope_theta, config.rope_factor
+    if config.rope_scaling is None or factor == 1.0:
+        return {"rope_type": "default", "rope_theta": theta}
+    if config.rope_scaling == "ntk":
+        d = config.head_dim
+        return {"rope_type": "default", "rope_theta": theta * factor ** (d / (d - 2))}
+    rope = {"rope_type": config.rope_scaling, "rope_theta": theta, "factor": factor}
+    if config.rope_scaling == "yarn":
+        rope["original_max_position_embeddings"] = \
+            config.rope_original_len or round(config.max_seq_len / factor)
+    return rope
+
+
 def config_to_hf(config: ModelConfig, dtype: torch.dtype, bos_token_id: int | None = None,
                  eos_token_id: int | None = None, pad_token_id: int | None = None) -> dict:
     """The `config.json` dict for a ModelConfig: Llama, or Mistral with a sliding window."""
     mistral = config.sliding_window is not None
+    rope = rope_to_hf(config)
     hf = {
         "architectures": ["MistralForCausalLM" if mistral else "LlamaForCausalLM"],
         "model_type": "mistral" if mistral else "llama",
@@ -139,10 +176,11 @@ def config_to_hf(config: ModelConfig, dtype: torch.dtype, bos_token_id: int | No
         "head_dim": config.head_dim,
         "max_position_embeddings": config.max_seq_len,
         "rms_norm_eps": config.norm_eps,
-        # rope_theta for transformers < 5, rope_parameters for >= 5.
-        "rope_theta": config.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
-        "rope_scaling": None,
+        # rope_theta + rope_scaling for transformers < 5, rope_parameters for >= 5.
+        "rope_theta": rope["rope_theta"],
+        "rope_parameters": rope,
+        "rope_scaling": None if rope["rope_type"] == "default" else
+        {k: v for k, v in rope.items() if k != "rope_theta"},
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,

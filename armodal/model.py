@@ -31,6 +31,12 @@ class ModelConfig:
     d_ff: int | None = None  # None: about 8/3 * d_model, the SwiGLU size with MLP-equal params
     max_seq_len: int = 256
     rope_theta: float = 10000.0
+    # Context extension at inference: positions past the trained length by rescaling RoPE.
+    # None | "linear" (position interpolation) | "ntk" (NTK-aware: a larger theta) | "yarn"
+    # (NTK-by-parts interpolation + attention temperature); rope_factor 1 is no scaling.
+    rope_scaling: str | None = None
+    rope_factor: float = 1.0
+    rope_original_len: int | None = None  # yarn: the trained context; None: max_seq_len / factor
     dropout: float = 0.0
     tie_embeddings: bool = False
     sliding_window: int | None = None  # keys older than this many positions are not attended
@@ -58,6 +64,9 @@ class ModelConfig:
              f"sliding_window must be a positive int or None, got {self.sliding_window}"),
             (self.n_streams >= 1, f"n_streams must be >= 1, got {self.n_streams}"),
             (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}"),
+            (self.rope_scaling in (None, *ROPE_SCALINGS),
+             f"rope_scaling={self.rope_scaling!r}; allowed: null, {', '.join(ROPE_SCALINGS)}"),
+            (self.rope_factor >= 1.0, f"rope_factor must be >= 1, got {self.rope_factor}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -161,15 +170,47 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
+ROPE_SCALINGS = ("linear", "ntk", "yarn")
+
+
 def rope_inv_freq(head_dim: int, theta: float) -> Tensor:
     return 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
 
 
-def rope_at(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
-    """cos and sin (..., D) for integer positions (...), rotate-half layout as in Llama."""
+def scaled_rope(config: ModelConfig) -> tuple[Tensor, float]:
+    """RoPE's inverse frequencies (D/2,) under the config's context-extension scaling, and the
+    factor cos and sin are multiplied by (YaRN's attention temperature; 1 otherwise).
+    Formulas as in Hugging Face transformers' rope utils, so exported models agree."""
+    d, theta, factor = config.head_dim, config.rope_theta, config.rope_factor
+    if config.rope_scaling is None or factor == 1.0:
+        return rope_inv_freq(d, theta), 1.0
+    if config.rope_scaling == "linear":  # positions squeezed into the trained range
+        return rope_inv_freq(d, theta) / factor, 1.0
+    if config.rope_scaling == "ntk":  # a larger base: high frequencies kept, low ones stretched
+        return rope_inv_freq(d, theta * factor ** (d / (d - 2))), 1.0
+    # YaRN: dimensions that turn many times within the trained context keep their frequency
+    # (extrapolate), those that turn less than once are interpolated, a linear ramp between.
+    original = config.rope_original_len or round(config.max_seq_len / factor)
+
+    def dim_at(rotations: float) -> float:  # the dimension that turns `rotations` times
+        return d * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = max(math.floor(dim_at(32)), 0), min(math.ceil(dim_at(1)), d - 1)
+    ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / max(high - low, 1e-3))
+    extrapolate = 1 - ramp.clamp(0, 1)  # (D/2,): 1 keeps the frequency, 0 divides by factor
+    inv_freq = rope_inv_freq(d, theta)
+    inv_freq = inv_freq / factor * (1 - extrapolate) + inv_freq * extrapolate
+    return inv_freq, 0.1 * math.log(factor) + 1.0
+
+
+def rope_at(positions: Tensor, inv_freq: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """cos and sin (..., D) for integer positions (...), rotate-half layout as in Llama;
+    `scale` multiplies both (YaRN sharpens attention by scale**2 this way)."""
     angles = positions.float()[..., None] * inv_freq  # (..., D/2)
     angles = torch.cat([angles, angles], dim=-1)  # (..., D)
-    return angles.cos(), angles.sin()
+    if scale == 1.0:
+        return angles.cos(), angles.sin()
+    return angles.cos() * scale, angles.sin() * scale
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -291,8 +332,8 @@ class Transformer(nn.Module):
         self.head = nn.Linear(c.d_model, c.n_streams * c.vocab_size, bias=False)
         if c.tie_embeddings:
             self.head.weight = self.embed.weight
-        inv_freq = rope_inv_freq(c.head_dim, c.rope_theta)
-        cos, sin = rope_at(torch.arange(c.max_seq_len), inv_freq)  # (max_seq_len, D) each
+        inv_freq, self.rope_scale = scaled_rope(c)
+        cos, sin = rope_at(torch.arange(c.max_seq_len), inv_freq, self.rope_scale)  # (S, D)
         self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -365,10 +406,12 @@ class Transformer(nn.Module):
             if start + t <= c.max_seq_len:
                 cos, sin = self.rope_cos[start:start + t], self.rope_sin[start:start + t]
             else:
-                cos, sin = rope_at(q_pos[0], self.rope_inv_freq)  # past the table: rolling
+                # past the table: rolling
+                cos, sin = rope_at(q_pos[0], self.rope_inv_freq, self.rope_scale)
         else:
             q_pos = positions  # (B, T)
-            cos, sin = rope_at(positions.clamp(min=0), self.rope_inv_freq)  # (B, T, D)
+            cos, sin = rope_at(positions.clamp(min=0), self.rope_inv_freq,
+                               self.rope_scale)  # (B, T, D)
             cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D)
         padded = positions is not None or (cache is not None and cache.padded)
         if not padded and c.sliding_window is None and not (cache is not None and cache.rolling):

@@ -156,9 +156,12 @@ def edit_config(path: Path, **changes) -> None:
 
 
 @pytest.mark.parametrize("changes, named", [
-    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope parameters"),
     ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}},
-     "rope_parameters"),
+     "rope parameters"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
+                          "original_max_position_embeddings": 16, "beta_fast": 16}},
+     "rope parameters"),
     ({"attention_bias": True}, "attention_bias"),
     ({"mlp_bias": True}, "mlp_bias"),
     ({"head_dim": 32}, "head_dim"),
@@ -190,3 +193,31 @@ def test_multi_stream_export_is_refused(tmp_path):
     model = Transformer(ModelConfig(vocab_size=16, n_layer=1, n_head=2, d_model=32, n_streams=2))
     with pytest.raises(ValueError, match="n_streams=2"):
         save_llama(model, tmp_path)
+
+
+@pytest.mark.parametrize("scaling", ["linear", "ntk", "yarn"])
+def test_rope_scaling_matches_hf_past_the_trained_length(tmp_path, scaling):
+    """A model trained at 16 positions, extended 4x: armodal's logits at all 64 positions equal
+    transformers' for the exported model (NTK-aware exports as plain RoPE at a larger theta)."""
+    torch.manual_seed(9)
+    ours = Transformer(ModelConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=64,
+                                   d_ff=128, max_seq_len=64, rope_scaling=scaling,
+                                   rope_factor=4.0, rope_original_len=16, init_std=0.15)).eval()
+    save_llama(ours, tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = random_ids(seed=10, length=64)
+    torch.testing.assert_close(hf_logits(hf, ids), ours_logits(ours, ids), atol=1e-4, rtol=0)
+    again = load_llama(tmp_path)
+    torch.testing.assert_close(ours_logits(again, ids), ours_logits(ours, ids), atol=1e-5,
+                               rtol=0)
+
+
+def test_rope_factor_one_is_no_scaling():
+    torch.manual_seed(11)
+    plain = Transformer(ModelConfig(vocab_size=97, n_layer=1, n_head=4, d_model=64, max_seq_len=32))
+    ids = random_ids(seed=12, length=32)
+    for scaling in ("linear", "ntk", "yarn"):
+        scaled = Transformer(ModelConfig(vocab_size=97, n_layer=1, n_head=4, d_model=64,
+                                         max_seq_len=32, rope_scaling=scaling, rope_factor=1.0))
+        scaled.load_state_dict(plain.state_dict())
+        assert torch.equal(ours_logits(scaled, ids), ours_logits(plain, ids)), scaling

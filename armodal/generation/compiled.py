@@ -48,7 +48,7 @@ def decode_step(model: nn.Module, tokens: Tensor, positions: Tensor, slot: Tenso
     mode (decoding only: dropout is never applied).
     """
     x = model.embed(tokens)  # (B, 1, C)
-    cos, sin = rope_at(positions, model.rope_inv_freq)  # (B, 1, D) each
+    cos, sin = rope_at(positions, model.rope_inv_freq, model.rope_scale)  # (B, 1, D) each
     cos, sin = cos[:, None], sin[:, None]  # (B, 1, 1, D): broadcast over heads
     slot_pos.index_copy_(1, slot, positions)  # before the mask: a query sees its own key
     allowed = attention_allowed(positions, slot_pos, model.config.sliding_window)  # (B,1,1,S)
