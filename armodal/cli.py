@@ -4,6 +4,7 @@
     armodal generate run=<dir> prompt="..." decoding=<preset> decoding.temperature=0.7
     armodal generate run=<dir> prompt_file=prompts.txt format=jsonl   (prompt_file=- : stdin)
     armodal eval run=<dir> [data=<file|folder|glob>] [quantize=int8|int4|bf16]
+    armodal eval run=<text run dir> context=1024 rope.scaling=yarn   (loss by position bucket)
     armodal eval run=<action run dir> actions.episodes=50 actions.target_return=[100,500]
     armodal generate run=<dir> prompt="..." decoding=speculative draft_run=<smaller run dir>
     armodal generate run=<image run dir> image.classes=[3,7] decoding.cfg_scale=2   (PNG grid)
@@ -94,7 +95,11 @@ def run_train(args: list[str]) -> None:
             train(cfg)
 
     # Hand the overrides (and -m / --multirun, --cfg job, ...) to Hydra's own argument parser.
-    sys.argv = ["armodal train", *overrides, f"hydra.searchpath=[file://{CONF_DIR}]"]
+    # A given run_dir is also Hydra's output dir (its cli.log goes there), rather than a
+    # second, near-empty runs/<name>/<timestamp> beside it.
+    run_dirs = [a.split("=", 1)[1] for a in overrides if a.startswith("run_dir=")]
+    hydra_dir = [f"hydra.run.dir={run_dirs[-1]}"] if run_dirs and run_dirs[-1] != "null" else []
+    sys.argv = ["armodal train", *overrides, *hydra_dir, f"hydra.searchpath=[file://{CONF_DIR}]"]
     hydra.main(config_path=str(config_dir), config_name=name, version_base=None)(task)()
 
 
@@ -169,9 +174,13 @@ def run_eval(args: list[str]) -> None:
     if is_action_run(cfg.run):
         return eval_action_run(cfg)
     result = evaluate(cfg.run, data=cfg.data, pattern=cfg.pattern, batch_size=cfg.batch_size,
-                      max_batches=cfg.max_batches, device=cfg.device, quantize=cfg.quantize)
+                      max_batches=cfg.max_batches, device=cfg.device, quantize=cfg.quantize,
+                      context=cfg.context, rope_scaling=cfg.rope.scaling,
+                      rope_factor=cfg.rope.factor)
     print(f"{result.data}: {result.tokens} tokens, loss {result.nll:.4f} nats/token, "
           f"perplexity {result.ppl:.3f}, {result.bits_per_unit:.4f} bits/{result.unit}")
+    if result.by_position is not None and len(result.by_position) > 1:
+        print(result.position_table())
     print(json.dumps(result.as_dict()))
 
 

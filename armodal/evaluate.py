@@ -16,6 +16,7 @@ from armodal.data.image_module import ImageDataModule
 from armodal.data.shards import build_or_load_shards
 from armodal.data.sources import TextSource
 from armodal.lit import IGNORE_INDEX, bits_per_unit, nll_sums, shift_targets
+from armodal.longcontext import extend_context
 
 
 @dataclass
@@ -26,19 +27,42 @@ class EvalResult:
     unit: str
     tokens: int
     data: str
+    context: int | None = None  # positions per scored window (text runs)
+    # Text runs: NLL by position inside the window, in buckets as long as the trained context:
+    # [{"from": 0, "to": 256, "nll": ..., "ppl": ...}, ...]. Past the trained length it shows
+    # what the model makes of positions it never saw (context extension).
+    by_position: list[dict] | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def position_table(self) -> str:
+        rows = [f"{'positions':>15} {'loss':>8} {'perplexity':>11}"]
+        rows += [f"{b['from']:>7}-{b['to'] - 1:<7} {b['nll']:8.4f} {b['ppl']:11.3f}"
+                 for b in self.by_position or []]
+        return "\n".join(rows)
+
 
 def evaluate(run_dir: str, data: str | None = None, pattern: str = "**/*", batch_size: int = 16,
              max_batches: int | None = None, device: str = "cpu",
-             quantize: str | None = None) -> EvalResult:
+             quantize: str | None = None, context: int | None = None,
+             rope_scaling: str | None = None, rope_factor: float | None = None) -> EvalResult:
     """Score a run on its own val split (data=None) or on a file / folder / glob of text.
 
     quantize: score the run's model quantized on load (armodal.quantize.QUANT_MODES), to
-    measure what quantization costs against the same call without it."""
+    measure what quantization costs against the same call without it.
+    context: positions per scored window (default: the trained context); past the trained
+    length with rope_scaling linear | ntk | yarn (rope_factor default: context / trained) or
+    with plain RoPE (None), see armodal.longcontext."""
     run = load_run(run_dir, device, quantize=quantize)
+    extending = context is not None or rope_scaling is not None
+    if run.tokenizer.modality in ("image", "audio") and extending:
+        raise ValueError(f"context={context}, rope_scaling={rope_scaling!r}: only text runs are "
+                         f"scored at another context; {run.tokenizer.modality} runs score whole "
+                         f"sequences of their own length")
+    trained = run.model.config.max_seq_len
+    if extending:
+        extend_context(run.model, context or trained, rope_scaling, rope_factor)
     if run.tokenizer.modality in ("image", "audio"):
         if data is not None:
             raise ValueError(f"data={data!r}: {run.tokenizer.modality} runs are scored on their "
@@ -52,10 +76,23 @@ def evaluate(run_dir: str, data: str | None = None, pattern: str = "**/*", batch
     else:
         tokens, units_per_token = _encode_source(run, TextSource(data, pattern=pattern))
         label = data
-    nll = mean_nll(run.model, torch.from_numpy(tokens.astype(np.int64)),
-                   run.model.config.max_seq_len, batch_size, max_batches)
+    window = run.model.config.max_seq_len
+    sums, counts = position_nll(run.model, torch.from_numpy(tokens.astype(np.int64)), window,
+                                batch_size, max_batches)
+    nll = sums.sum().item() / counts.sum().item()
     return EvalResult(nll, math.exp(min(nll, 50.0)), nll / math.log(2) / units_per_token,
-                      run.tokenizer.unit, len(tokens), label)
+                      run.tokenizer.unit, len(tokens), label, window,
+                      position_buckets(sums, counts, trained))
+
+
+def position_buckets(sums: torch.Tensor, counts: torch.Tensor, width: int) -> list[dict]:
+    """Per-position NLL sums and counts (T,) pooled into buckets of `width` positions."""
+    buckets = []
+    for start in range(0, len(sums), width):
+        nll = sums[start:start + width].sum().item() / counts[start:start + width].sum().item()
+        buckets.append({"from": start, "to": min(start + width, len(sums)), "nll": nll,
+                        "ppl": math.exp(min(nll, 50.0))})
+    return buckets
 
 
 @torch.inference_mode()
@@ -104,23 +141,33 @@ def _encode_source(run: LoadedRun, source: TextSource) -> tuple[np.ndarray, floa
     return tokens, units / len(tokens)
 
 
-@torch.inference_mode()
 def mean_nll(model: torch.nn.Module, tokens: torch.Tensor, seq_len: int, batch_size: int,
              max_batches: int | None = None) -> float:
     """Mean next-token NLL over non-overlapping windows of seq_len + 1 tokens."""
+    sums, counts = position_nll(model, tokens, seq_len, batch_size, max_batches)
+    return sums.sum().item() / counts.sum().item()
+
+
+@torch.inference_mode()
+def position_nll(model: torch.nn.Module, tokens: torch.Tensor, seq_len: int, batch_size: int,
+                 max_batches: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token NLL (seq_len,) float64 and token counts (seq_len,) by position inside
+    non-overlapping windows of seq_len + 1 tokens."""
     n_windows = (len(tokens) - 1) // seq_len
     if n_windows == 0:
         raise ValueError(f"evaluation data has {len(tokens)} tokens; at least "
                          f"{seq_len + 1} (one context window + 1) are needed")
     windows = tokens[: n_windows * seq_len + 1].unfold(0, seq_len + 1, seq_len)  # (N, T+1)
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    sums = torch.zeros(seq_len, dtype=torch.float64)
+    counts = torch.zeros(seq_len, dtype=torch.long)
     for i, batch in enumerate(windows.split(batch_size)):
         if max_batches is not None and i >= max_batches:
             break
         batch = batch.to(device)
         logits = model(batch[:, :-1])  # (B, T, V)
-        total += F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(),
-                                 reduction="sum").item()
-        count += batch[:, 1:].numel()
-    return total / count
+        nll = F.cross_entropy(logits.transpose(1, 2).float(), batch[:, 1:],
+                              reduction="none")  # (B, T)
+        sums += nll.sum(0).double().cpu()
+        counts += len(batch)
+    return sums, counts

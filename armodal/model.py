@@ -332,12 +332,19 @@ class Transformer(nn.Module):
         self.head = nn.Linear(c.d_model, c.n_streams * c.vocab_size, bias=False)
         if c.tie_embeddings:
             self.head.weight = self.embed.weight
-        inv_freq, self.rope_scale = scaled_rope(c)
-        cos, sin = rope_at(torch.arange(c.max_seq_len), inv_freq, self.rope_scale)  # (S, D)
-        self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.set_positions(c)
         self.reset_parameters()
+
+    def set_positions(self, config: ModelConfig) -> None:
+        """Use `config`'s max_seq_len and RoPE scaling: the RoPE tables are rebuilt, the
+        weights are untouched (RoPE has no learned position table). Context extension."""
+        device = self.embed.weight.device
+        inv_freq, self.rope_scale = scaled_rope(config)
+        cos, sin = rope_at(torch.arange(config.max_seq_len), inv_freq, self.rope_scale)  # (S, D)
+        self.register_buffer("rope_inv_freq", inv_freq.to(device), persistent=False)
+        self.register_buffer("rope_cos", cos.to(device), persistent=False)
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)
+        self.config = config
 
     def reset_parameters(self) -> None:
         """GPT-2 style init: N(0, init_std), residual output projections scaled by depth."""
