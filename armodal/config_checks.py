@@ -137,13 +137,20 @@ def resume(value: Any) -> str | None:
 
 
 _CHECKS: list[tuple[str, Check]] = [
-    ("task", choice("codec", "audio_codec")),
+    ("task", choice("codec", "audio_codec", "sequence_tuning")),
     ("seed", integer(0, 2**32 - 1)),  # Lightning's seed_everything bounds
     ("resume", resume),
     ("compile", boolean),
     ("nonfinite", choice("skip", "stop")),
     ("checkpoint_every", integer(1)),
     ("sample_every_validation", boolean),
+    ("scheduled_sampling.schedule", choice(None, "linear", "exponential", "inverse_sigmoid")),
+    ("scheduled_sampling.eps_start", number(0, 1)),
+    ("scheduled_sampling.eps_end", number(0, 1)),
+    ("scheduled_sampling.steps", integer(1)),
+    ("scheduled_sampling.k", number(1)),
+    ("scheduled_sampling.mode", choice("sample", "argmax")),
+    ("scheduled_sampling.temperature", number(0, low_open=True)),
     ("model.n_layer", integer(1)),
     ("model.n_head", integer(1)),
     ("model.n_kv_head", integer(1, none=True)),
@@ -163,11 +170,11 @@ _CHECKS: list[tuple[str, Check]] = [
     ("trainer.precision", precision),
     ("trainer.max_steps", either(integer(1), choice(-1), allowed="an integer >= 1, or -1")),
     ("trainer.val_check_interval", either(
-        integer(1), number(0, 1, low_open=True),
-        allowed="an integer >= 1 (steps) or a fraction of an epoch in (0, 1]")),
+        integer(1, none=True), number(0, 1, low_open=True),
+        allowed="an integer >= 1 (steps), a fraction of an epoch in (0, 1], or null")),
     ("trainer.limit_val_batches", either(
-        integer(1), number(0, 1, low_open=True),
-        allowed="an integer >= 1 (batches) or a fraction of the val set in (0, 1]")),
+        integer(0), number(0, 1, low_open=True),
+        allowed="an integer >= 0 (batches) or a fraction of the val set in (0, 1]")),
     ("trainer.log_every_n_steps", integer(1)),
     ("trainer.gradient_clip_val", number(0, none=True)),
     ("trainer.accumulate_grad_batches", integer(1)),
@@ -179,4 +186,9 @@ _CHECKS: list[tuple[str, Check]] = [
     ("data.batch_size", integer(1)),  # the codec configs' data block
     ("data.val_fraction", number(0, 1, low_open=True, high_open=True)),
     ("data.num_workers", integer(0)),
+    ("samples_per_prompt", integer(2)),  # sequence-level fine-tuning (armodal/reinforce.py)
+    ("prompts_per_step", integer(1)),
+    ("max_new_tokens", integer(1)),
+    ("temperature", number(0, low_open=True)),
+    ("kl_weight", number(0)),
 ]

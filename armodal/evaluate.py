@@ -72,7 +72,7 @@ def evaluate(run_dir: str, data: str | None = None, pattern: str = "**/*", batch
         dm.prepare_shards()
         return _evaluate_sequences(run, dm.val_sequences, dm.units(), batch_size, max_batches)
     if data is None:
-        tokens, units_per_token, label = _val_split(run)
+        tokens, units_per_token, label = val_split_tokens(run)
     else:
         tokens, units_per_token = _encode_source(run, TextSource(data, pattern=pattern))
         label = data
@@ -119,7 +119,7 @@ def _evaluate_sequences(run: LoadedRun, sequences: torch.Tensor, units: tuple,
                       "val split")
 
 
-def _val_split(run: LoadedRun) -> tuple[np.ndarray, float, str]:
+def val_split_tokens(run: LoadedRun) -> tuple[np.ndarray, float, str]:
     domain = run.meta["train_config"]["domain"]
     source = instantiate_from_run(domain["source"], "domain.source")
     data = domain["data"]

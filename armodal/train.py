@@ -64,12 +64,17 @@ def train(cfg: DictConfig) -> TrainResult:
     """Tokenize (cached), build the model at the TokenSpace's vocab size, fit, export.
 
     A config with `task: codec` trains a neural image tokenizer instead (armodal.codecs.train),
-    `task: audio_codec` a neural audio codec (armodal.codecs.audio_train)."""
+    `task: audio_codec` a neural audio codec (armodal.codecs.audio_train), `task:
+    sequence_tuning` fine-tunes a text run with REINFORCE (armodal.reinforce)."""
     check_train_config(cfg)  # a bad value fails now, naming its key, not after the data work
     if cfg.get("task") == "codec":
         from armodal.codecs.train import train_codec
 
         return train_codec(cfg)
+    if cfg.get("task") == "sequence_tuning":
+        from armodal.reinforce import train_sequence_level
+
+        return train_sequence_level(cfg)
     if cfg.get("task") == "audio_codec":
         from armodal.codecs.audio_train import train_audio_codec
 
@@ -89,7 +94,9 @@ def train(cfg: DictConfig) -> TrainResult:
     module = ARModule(model_config, optimizer=instantiate(cfg.optim.optimizer),
                       scheduler=instantiate(cfg.optim.scheduler), pad_id=space.pad_id,
                       units_per_token=units_per_token, unit=unit, unit_ids=unit_ids,
-                      compile=cfg.compile, nonfinite=cfg.nonfinite)
+                      compile=cfg.compile, nonfinite=cfg.nonfinite,
+                      scheduled_sampling=cfg.get("scheduled_sampling"),
+                      content_ids=unit_ids or (len(space.special_ids), space.vocab_size))
 
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     decoding = instantiate(cfg.decoding)
