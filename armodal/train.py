@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from armodal.callbacks import PlayEpisodes, SampleAudio, SampleImages, SampleText
-from armodal.checkpoint import atomic_write_text, save_run
+from armodal.checkpoint import atomic_write_text, load_run, save_run
 from armodal.config_checks import check_train_config
 from armodal.data import TokenDataModule
 from armodal.data.action_module import ActionDataModule
@@ -97,6 +97,8 @@ def train(cfg: DictConfig) -> TrainResult:
                       compile=cfg.compile, nonfinite=cfg.nonfinite,
                       scheduled_sampling=cfg.get("scheduled_sampling"),
                       content_ids=unit_ids or (len(space.special_ids), space.vocab_size))
+    if cfg.get("init_from") is not None:
+        load_weights_from(cfg.init_from, module.model, space, tokenizer)
 
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     decoding = instantiate(cfg.decoding)
@@ -137,6 +139,24 @@ def train(cfg: DictConfig) -> TrainResult:
                          time.perf_counter() - start, module, trainer, datamodule)
     print(summary(result, unit))
     return result
+
+
+def load_weights_from(run_dir: str, model, space, tokenizer) -> None:
+    """Start `model` from a finished run's weights. Its token ids must mean what this run's
+    do, and its layers must have the same shapes; max_seq_len, RoPE scaling, dropout and the
+    sliding window may differ (the RoPE tables are rebuilt, not loaded)."""
+    start = load_run(run_dir)
+    if start.space.to_dict() != space.to_dict() or \
+            start.tokenizer.config() != tokenizer.config():
+        raise ValueError(f"init_from={run_dir!r} has another tokenizer or token space than this "
+                         f"run; fine-tuning needs the same token ids (train on the same domain "
+                         f"and tokenizer settings)")
+    try:
+        model.load_state_dict(start.model.state_dict())
+    except RuntimeError as err:
+        shapes = "; ".join(line.strip() for line in str(err).splitlines()[1:3])
+        raise ValueError(f"init_from={run_dir!r}: its layers do not match this model's "
+                         f"(choose the same model size): {shapes}") from None
 
 
 def resume_from(cfg: DictConfig, run_dir: Path) -> str | None:

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from armodal.checkpoint import load_run
-from armodal.cli import main
+from armodal.cli import RECIPES_DIR, compose_config, main
 from armodal.evaluate import evaluate
 from armodal.longcontext import extend_context
 from armodal.model import ModelConfig, Transformer
+from armodal.train import train
 
 
 def tiny_model(**kwargs) -> Transformer:
@@ -93,3 +94,22 @@ def test_cli_eval_prints_the_position_table(char_run, capsys):
     with pytest.raises(SystemExit):
         main(["eval", f"run={char_run.run_dir}", "context=128", "rope.scaling=rope2"])
     assert "rope scaling 'rope2'" in capsys.readouterr().err
+
+
+def test_init_from_fine_tunes_a_run_at_a_longer_context(char_run, corpus_file, tmp_path,
+                                                        quick_overrides):
+    """init_from starts a run from a finished run's weights: here at twice the context with
+    YaRN (lr ~0, so the result still holds the starting weights)."""
+    start = load_run(char_run.run_dir)
+    overrides = [f"domain.source.path={corpus_file}", *quick_overrides(tmp_path, steps=2),
+                 f"init_from={char_run.run_dir}", "domain.data.seq_len=128",
+                 "model.rope_scaling=yarn", "model.rope_factor=2.0", "model.rope_original_len=64",
+                 "optim.optimizer.lr=1e-12", "sample_every_validation=false"]
+    train(compose_config(RECIPES_DIR, "text_char_shakespeare", overrides))
+    tuned = load_run(tmp_path / "run")
+    assert tuned.model.config.max_seq_len == 128 and tuned.model.config.rope_scaling == "yarn"
+    for name, tensor in start.model.state_dict().items():
+        torch.testing.assert_close(tuned.model.state_dict()[name], tensor, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="do not match this model"):
+        train(compose_config(RECIPES_DIR, "text_char_shakespeare",
+                             [*overrides, "model=small", f"run_dir={tmp_path / 'other'}"]))
