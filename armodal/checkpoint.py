@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
 from armodal.model import ModelConfig, Transformer
@@ -112,6 +112,29 @@ def instantiate_from_run(node: dict, what: str):
     return instantiate(node)
 
 
+def _dtype_kind(dtype: str | torch.dtype) -> str:
+    """"float", "bool" or "int" for a safetensors dtype name ("F32", "BF16", "I8", "BOOL")
+    or a torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return "float" if dtype.is_floating_point else "bool" if dtype == torch.bool else "int"
+    return "float" if dtype.startswith(("F", "BF")) else "bool" if dtype == "BOOL" else "int"
+
+
+def _check_weight_kinds(model: torch.nn.Module, weights: Path) -> None:
+    """Refuse a tensor stored in `weights` as another kind of number (float / int / bool) than
+    the model holds there: load_state_dict would cast it, and the stored bytes (say float32
+    weights read as int32 after a damaged header) would load as wrong values, silently.
+    Float to float (a model saved in fp16) is a lossless, legitimate cast and loads."""
+    state = model.state_dict()
+    with safe_open(str(weights), framework="pt") as f:
+        for key in f.keys():
+            stored = f.get_slice(key).get_dtype()
+            if key in state and _dtype_kind(stored) != _dtype_kind(state[key].dtype):
+                raise ValueError(f"{weights} stores {key} as {stored}, but the model described "
+                                 f"by {CONFIG} holds {state[key].dtype} there; the run directory "
+                                 f"is damaged (re-export the run)")
+
+
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu",
              quantize: str | None = None) -> LoadedRun:
     """Rebuild model, TokenSpace and tokenizer from a run directory written by save_run.
@@ -162,6 +185,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu",
         # The file holds quantized tensors: build the same quantized modules, then fill them.
         model = quantize_model(model.to(device), **saved)
     try:
+        _check_weight_kinds(model, weights)
         missing, unexpected = load_model(model, str(weights), strict=False)
     except (SafetensorError, OSError, RuntimeError) as err:
         raise ValueError(f"{weights} could not be read as safetensors weights for this "

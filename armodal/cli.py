@@ -133,11 +133,12 @@ def run_generate(args: list[str]) -> None:
                                                         quantize=cfg.quantize)
     if cfg.format == "text" and len(prompts) == 1 and decoding.num_return_sequences == 1 \
             and decoding.strategy != "beam":
-        for piece in stream_text(run, prompts[0], decoding, draft):  # print as tokens arrive
+        # Printed as tokens arrive.
+        for piece in stream_text(run, prompts[0], decoding, draft, report=cfg.report):
             print(piece, end="", flush=True)
         print()
         return
-    write_records(generate_text(run, prompts, decoding, draft), cfg.format)
+    write_records(generate_text(run, prompts, decoding, draft, report=cfg.report), cfg.format)
 
 
 def generate_image_grid(run, cfg, decoding, prompted: bool) -> None:

@@ -39,17 +39,21 @@ class friendly_errors:
         return self
 
     def __exit__(self, kind, error, tb) -> bool:
+        if error is None:
+            return False
         from hydra.errors import HydraException
         from omegaconf.errors import OmegaConfBaseException
 
-        from armodal.resume import RunStopped
-
-        if isinstance(error, RunStopped):  # a clean stop on SIGTERM / SIGINT, checkpoint saved
+        # Only a training run raises RunStopped, and it has imported armodal.resume; importing
+        # it here for every command would load Lightning just to report a typo.
+        resume = sys.modules.get("armodal.resume")
+        if resume is not None and isinstance(error, resume.RunStopped):
+            # a clean stop on SIGTERM / SIGINT, checkpoint saved
             print(f"armodal {self.command}: stopped on {error}", file=sys.stderr)
             sys.exit(error.exit_code)
         user_errors = (UsageError, ValueError, FileNotFoundError, HydraException,
                        OmegaConfBaseException)
-        if error is not None and isinstance(error, user_errors) and not debugging():
+        if isinstance(error, user_errors) and not debugging():
             print(f"armodal {self.command}: error: {one_line(error, self.base_config)}",
                   file=sys.stderr)
             sys.exit(2)

@@ -88,12 +88,19 @@ class KVCache:
     A static cache holds slots [0, max_len) in order. A rolling cache (sliding-window models)
     is a ring of `max_len` >= window slots, so decoding can run past max_seq_len with
     bounded memory: RoPE is relative, and the window keeps every distance below it.
+
+    A sink cache (`sinks` set; StreamingLLM, Xiao et al. 2023) lets any model, full-attention
+    included, decode indefinitely: slots [0, sinks) keep the first `sinks` positions forever,
+    the other `window` = max_len - sinks slots are a ring of the most recent positions, and a
+    query attends to both. Its keys are stored before RoPE; see `place` for why.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-                 rolling: bool = False):
-        if rolling and (config.sliding_window is None or max_len < config.sliding_window):
+                 rolling: bool = False, sinks: int | None = None):
+        if sinks is not None:
+            _check_sinks(config, max_len, sinks, rolling)
+        elif rolling and (config.sliding_window is None or max_len < config.sliding_window):
             raise ValueError(f"a rolling cache needs a sliding-window model and max_len >= "
                              f"the window; got sliding_window={config.sliding_window}, "
                              f"max_len={max_len}")
@@ -106,12 +113,23 @@ class KVCache:
         self.slot_pos = torch.full((batch_size, max_len), -1, dtype=torch.long, device=device)
         self.max_len = max_len
         self.rolling = rolling
+        self.sinks = sinks
         self.padded = False  # some slot holds a pad: masks are needed even for T = 1
         self.pos = 0
+        # Sink caches, during one forward: the slots its tokens go to (rows, columns, slots)
+        # and the RoPE tables (B, 1, S, D) that rotate every slot's key to its cache position.
+        self._writes: tuple[Tensor, Tensor, Tensor] | None = None
+        self.key_rope: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def static(self) -> bool:
+        """Slot s holds the s-th step, in order (neither a ring nor sinks): what in-place beam
+        reordering, speculative rollback and the compiled step rely on."""
+        return not self.rolling and self.sinks is None
 
     def reorder(self, rows: Tensor) -> None:
         """Keep batch rows `rows` (B',) in that order, e.g. the surviving beams' parents."""
-        if rows.shape[0] == self.k.shape[1] and not self.rolling:
+        if rows.shape[0] == self.k.shape[1] and self.static:
             # Same batch size (a beam step): move only the filled slots, in place. Slots past
             # pos hold no position in any row (slot_pos -1), so they are never attended.
             filled = slice(0, self.pos)
@@ -127,8 +145,8 @@ class KVCache:
         decoding's rollback of rejected drafts. Rows may keep different numbers of slots; the
         forgotten ones become holes (position -1, never attended), and `pos` moves back to
         just after the last slot any row still uses. Static caches only."""
-        if self.rolling:
-            raise ValueError("discard_from needs a static cache, not a rolling one")
+        if not self.static:
+            raise ValueError("discard_from needs a static cache, not a rolling or sink one")
         self.slot_pos.masked_fill_(self.slot_pos >= positions[:, None], -1)
         used = self.slot_pos >= 0  # (B, S)
         slot_ends = torch.arange(1, self.max_len + 1, device=used.device)  # (S,)
@@ -138,8 +156,8 @@ class KVCache:
     def compact(self) -> None:
         """Move each row's used slots to the front, in order, so holes left by rejected drafts
         (and left padding) stop taking room: slot s of row b becomes its n-th used slot."""
-        if self.rolling:
-            raise ValueError("compact needs a static cache, not a rolling one")
+        if not self.static:
+            raise ValueError("compact needs a static cache, not a rolling or sink one")
         used = self.slot_pos >= 0  # (B, S)
         slots = torch.arange(self.max_len, device=used.device)
         order = torch.where(used, slots, slots + self.max_len).argsort(dim=1)  # used first
@@ -156,6 +174,85 @@ class KVCache:
         of them survive in a ring)."""
         idx = torch.arange(self.pos, self.pos + t, device=self.slot_pos.device)
         return idx % self.max_len if self.rolling else idx
+
+    def pieces(self, t: int, positions: Tensor | None) -> list[tuple[int, int]]:
+        """Sink caches: the column ranges a forward of t tokens (positions (B, T) or None:
+        from pos on) runs in. Queries whose positions all fit in the cache run together; past
+        that each query numbers the cache from its own shift (`place`), so one at a time."""
+        if positions is None:
+            last = torch.arange(self.pos, self.pos + t)  # (T,)
+        else:
+            last = positions.amax(0)  # (T,): the furthest row's position in each column
+        fits = max(int((last < self.max_len).long().cumprod(0).sum()), 1)
+        return [(0, fits)] + [(i, i + 1) for i in range(fits, t)]
+
+    def place(self, q_pos: Tensor) -> tuple[Tensor, Tensor]:
+        """Sink caches, before a forward of queries at token positions q_pos (1|B, T), -1 on
+        pads: give each token its slot (position p < sinks: slot p; later: the ring slot
+        sinks + (p - sinks) % window, evicting a position the window no longer sees), record
+        it in slot_pos, and return the RoPE positions of the queries (B, T) and slots (B, S).
+
+        RoPE positions are numbered inside the cache, as StreamingLLM does, not by position in
+        the text: a model without a sliding window never saw a distance >= max_seq_len, so
+        past it the sinks would sit at distances it cannot read (and float32 angles of huge
+        positions lose precision). Inside the cache the sinks keep 0..sinks-1 and the ring's
+        positions are shifted down so the query sits at <= max_len - 1: distances to recent
+        keys are the true ones, the sinks look like the text just before the window. The
+        shift changes every step, so keys are cached before RoPE and rotated per forward.
+        While the sequence fits (<= max_len positions) the shift is 0: exactly the static
+        cache. A forward's queries share one shift, so `pieces` splits the ones past it.
+        """
+        q = q_pos.expand(self.slot_pos.shape[0], -1)  # (B, T)
+        rows, cols = (q >= 0).nonzero(as_tuple=True)  # pads take no slot
+        written = q[rows, cols]
+        window = self.max_len - self.sinks
+        slots = torch.where(written < self.sinks, written,
+                            self.sinks + (written - self.sinks) % window)
+        self.slot_pos[rows, slots] = written
+        self._writes = (rows, cols, slots)
+        shift = (q.amax(1, keepdim=True) - (self.max_len - 1)).clamp(min=0)  # (B, 1)
+        keys = torch.where(self.slot_pos < self.sinks, self.slot_pos, self.slot_pos - shift)
+        # Empty slots (-1) and ring slots outside the window are masked; clamp keeps them legal.
+        return (q - shift).clamp(min=0), keys.clamp(min=0)
+
+    def write_unrotated(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Sink caches: store layer `layer`'s new keys (before RoPE) and values (B, G, T, D) in
+        the slots `place` gave them; return every slot's key rotated to its cache position,
+        and the values, (B, G, S, D). Writing before attending is safe: a slot is only reused
+        for a position the window no longer sees."""
+        rows, cols, slots = self._writes
+        # .to: under autocast k and v are bf16 while the cache keeps the weights' dtype.
+        self.k[layer][rows, :, slots] = k[rows, :, cols].to(self.k.dtype)  # (N, G, D)
+        self.v[layer][rows, :, slots] = v[rows, :, cols].to(self.v.dtype)
+        cos, sin = self.key_rope
+        return apply_rope(self.k[layer], cos, sin), self.v[layer]
+
+
+def max_sink_slots(config: ModelConfig, sinks: int) -> int:
+    """The most slots a sink cache with `sinks` sinks may have: its cache positions go up to
+    slots - 1, so they must be positions the model was trained at; and a sliding-window model
+    never looks further back than its window."""
+    if config.sliding_window is None:
+        return config.max_seq_len
+    return min(config.max_seq_len, sinks + config.sliding_window)
+
+
+def _check_sinks(config: ModelConfig, max_len: int, sinks: int, rolling: bool) -> None:
+    """A sink cache of `max_len` slots: `sinks` of them, the rest the recent window."""
+    if rolling:
+        raise ValueError("a cache is rolling (sliding-window ring) or has attention sinks, "
+                         "not both")
+    if not (isinstance(sinks, int) and not isinstance(sinks, bool) and sinks >= 0):
+        raise ValueError(f"attention sinks={sinks!r}; expected an int >= 0")
+    window = max_len - sinks
+    if window < 1:
+        raise ValueError(f"sink cache of max_len={max_len} slots leaves window={window} after "
+                         f"sinks={sinks}; the window needs >= 1 slot")
+    limit = max_sink_slots(config, sinks)
+    if max_len > limit:
+        raise ValueError(f"sinks={sinks} + window={window} = {max_len} cache slots; this model "
+                         f"allows at most {limit} (max_seq_len={config.max_seq_len}, "
+                         f"sliding_window={config.sliding_window})")
 
 
 class RMSNorm(nn.Module):
@@ -220,16 +317,17 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x * cos + rotated * sin).type_as(x)
 
 
-def attention_allowed(q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
+def attention_allowed(q_pos: Tensor, k_pos: Tensor, window: int | None,
+                      sinks: int = 0) -> Tensor:
     """Bool (B, 1, T, S): True where query position q may attend key position k.
 
     q_pos (B|1, T) and k_pos (B|1, S) are token positions, -1 for padding / empty slots.
-    Allowed: 0 <= k <= q, and q - k < window.
+    Allowed: 0 <= k <= q, and q - k < window or k < sinks (attention sinks).
     """
     q, k = q_pos[:, :, None], k_pos[:, None, :]  # (B, T, 1), (B, 1, S)
     allowed = (k >= 0) & (k <= q)
     if window is not None:
-        allowed &= q - k < window
+        allowed &= (q - k < window) | (k < sinks)
     return allowed[:, None]
 
 
@@ -258,9 +356,14 @@ class Attention(nn.Module):
         q = rearrange(self.wq(x), "b t (h d) -> b h t d", d=c.head_dim)
         k = rearrange(self.wk(x), "b t (g d) -> b g t d", d=c.head_dim)
         v = rearrange(self.wv(x), "b t (g d) -> b g t d", d=c.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = apply_rope(q, cos, sin)
         start, t = (cache.pos if cache is not None else 0), x.shape[1]
         causal = mask is None and start == 0
+        if cache is not None and cache.sinks is not None:
+            # Stored before RoPE, all slots rotated to their cache positions (KVCache.place).
+            k, v = cache.write_unrotated(layer, k, v)  # (B, G, S, D)
+        else:
+            k = apply_rope(k, cos, sin)
         if cache is not None and cache.rolling:
             # Attend over the ring plus the new keys, then keep the newest max_len in the ring.
             keys, values = torch.cat([cache.k[layer], k], 2), torch.cat([cache.v[layer], v], 2)
@@ -269,7 +372,7 @@ class Attention(nn.Module):
             cache.k[layer][:, :, slots] = k[:, :, -keep:]
             cache.v[layer][:, :, slots] = v[:, :, -keep:]
             k, v = keys, values  # (B, G, S + T, D)
-        elif cache is not None:
+        elif cache is not None and cache.static:
             cache.k[layer, :, :, start:start + t] = k
             cache.v[layer, :, :, start:start + t] = v
             k = cache.k[layer, :, :, :start + t]  # (B, G, S, D)
@@ -359,19 +462,29 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, std=std)
 
     def new_cache(self, batch_size: int, max_len: int | None = None,
-                  rolling: bool = False) -> KVCache:
+                  rolling: bool = False, sinks: int | None = None) -> KVCache:
         """A static cache of max_len (default max_seq_len) slots, or a rolling ring (default
-        size: the sliding window) that lets a sliding-window model decode indefinitely."""
+        size: the sliding window) that lets a sliding-window model decode indefinitely, or
+        with `sinks` a sink cache of max_len slots (the first `sinks` positions plus a ring of
+        the recent max_len - sinks) that lets any model decode indefinitely."""
         weight = self.embed.weight
         default = self.config.sliding_window if rolling else self.config.max_seq_len
+        if sinks is not None:
+            default = max_sink_slots(self.config, sinks)
         return KVCache(self.config, batch_size, max_len or default, device=weight.device,
-                       dtype=weight.dtype, rolling=rolling)
+                       dtype=weight.dtype, rolling=rolling, sinks=sinks)
 
     def forward(self, idx: Tensor, cache: KVCache | None = None,
                 positions: Tensor | None = None) -> Tensor:
         """positions (B, T): token positions of a left-padded ragged batch, -1 on pads.
         None means every row's tokens sit at cache.pos + [0, T) (no padding)."""
         c = self.config
+        if cache is not None and cache.sinks is not None and idx.shape[-1] > 1:
+            pieces = cache.pieces(idx.shape[-1], positions)
+            if len(pieces) > 1:  # a prompt longer than the sink cache
+                return torch.cat([self(idx[..., a:b], cache,
+                                       None if positions is None else positions[:, a:b])
+                                  for a, b in pieces], dim=-2)
         if c.n_streams == 1:
             if idx.dim() != 2:
                 raise ValueError(f"expected idx of shape (B, T), got {tuple(idx.shape)}")
@@ -383,8 +496,8 @@ class Transformer(nn.Module):
             offsets = torch.arange(c.n_streams, device=idx.device)[:, None] * c.vocab_size
             x = self.embed(idx + offsets).sum(dim=1)  # (B, T, C)
         start, t = (cache.pos if cache is not None else 0), x.shape[1]
-        rolling = cache is not None and cache.rolling
-        if not rolling and start + t > (cache.max_len if cache is not None else c.max_seq_len):
+        bounded = cache is not None and not cache.static  # a ring: no length limit
+        if not bounded and start + t > (cache.max_len if cache is not None else c.max_seq_len):
             limit = cache.max_len if cache is not None else c.max_seq_len
             raise ValueError(f"sequence of {start + t} positions exceeds the limit of {limit} "
                              f"(model max_seq_len={c.max_seq_len}; only sliding-window models "
@@ -393,9 +506,10 @@ class Transformer(nn.Module):
         x = self.drop(x)
         for layer, block in enumerate(self.blocks):
             x = block(x, cos, sin, cache, layer, mask)
-        if cache is not None:
+        if cache is not None and cache.sinks is None:  # a sink cache placed them up front
             keep = min(t, cache.max_len)
             cache.slot_pos[:, cache.slots(t)[-keep:]] = q_pos[:, -keep:]  # (1|B, T) broadcasts
+        if cache is not None:
             cache.padded |= positions is not None and bool((positions < 0).any())
             cache.pos = start + t
         logits = self.head(self.norm(x))  # (B, T, K*V)
@@ -408,6 +522,8 @@ class Transformer(nn.Module):
         """Query positions (1|B, T), RoPE tables for them, and the attention mask (None when
         not needed)."""
         c, device = self.config, self.embed.weight.device
+        if cache is not None and cache.sinks is not None:
+            return self._sink_rope_and_mask(start, t, positions, cache)
         if positions is None:
             q_pos = torch.arange(start, start + t, device=device)[None]  # (1, T)
             if start + t <= c.max_seq_len:
@@ -433,6 +549,21 @@ class Transformer(nn.Module):
             k_pos = torch.cat([cache.slot_pos[:, :start],
                                q_pos.expand(cache.slot_pos.shape[0], t)], 1)
         return q_pos, cos, sin, attention_allowed(q_pos, k_pos, c.sliding_window)
+
+    def _sink_rope_and_mask(self, start: int, t: int, positions: Tensor | None,
+                            cache: KVCache):
+        """_rope_and_mask for a sink cache: the new tokens are placed first, queries and keys
+        are rotated to positions inside the cache (KVCache.place says why), the mask allows
+        the sinks and the recent window by the tokens' true positions."""
+        if positions is None:
+            q_pos = torch.arange(start, start + t, device=self.embed.weight.device)[None]
+        else:
+            q_pos = positions  # (B, T)
+        q_cache, k_cache = cache.place(q_pos)  # (B, T), (B, S): all < max_len <= max_seq_len
+        cache.key_rope = self.rope_cos[k_cache][:, None], self.rope_sin[k_cache][:, None]
+        cos, sin = self.rope_cos[q_cache][:, None], self.rope_sin[q_cache][:, None]  # (B,1,T,D)
+        window = cache.max_len - cache.sinks
+        return q_pos, cos, sin, attention_allowed(q_pos, cache.slot_pos, window, cache.sinks)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

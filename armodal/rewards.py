@@ -13,7 +13,9 @@ import warnings
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["PythonParses", "RepetitionPenalty", "Reward", "Sample", "repeated_ngram_fraction"]
+from armodal.generation.repetition import repetition_rate
+
+__all__ = ["PythonParses", "RepetitionPenalty", "Reward", "Sample"]
 
 
 @dataclass(frozen=True)
@@ -70,15 +72,5 @@ class RepetitionPenalty:
         self.n = n
 
     def __call__(self, samples: list[Sample]) -> list[float]:
-        return [-repeated_ngram_fraction(s.tokens, self.n) for s in samples]
-
-
-def repeated_ngram_fraction(tokens: list[int], n: int) -> float:
-    """Of the len - n + 1 n-grams of `tokens`, the fraction that occurred earlier (0 when the
-    sequence is shorter than n)."""
-    seen, repeats = set(), 0
-    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
-    for gram in grams:
-        repeats += gram in seen
-        seen.add(gram)
-    return repeats / len(grams) if grams else 0.0
+        # A sample too short to hold an n-gram repeats nothing.
+        return [-(repetition_rate(s.tokens, self.n) or 0.0) for s in samples]

@@ -12,6 +12,7 @@ import torch
 
 from armodal.checkpoint import LoadedRun
 from armodal.generation import DecodingConfig, fit_to_context, generate, stream
+from armodal.generation.repetition import format_report, repetition_report
 from armodal.tokenizers.base import Tokenizer
 from armodal.tokenizers.space import TokenSpace
 
@@ -60,7 +61,8 @@ def decoding_for(model: torch.nn.Module, space: TokenSpace, requested: DecodingC
     if decoding.max_new_tokens < requested.max_new_tokens:
         print(f"note: max_new_tokens={requested.max_new_tokens} cut to "
               f"{decoding.max_new_tokens}, the room left in the model's "
-              f"{model.config.max_seq_len}-token context", file=warn or sys.stderr)
+              f"{model.config.max_seq_len}-token context (decoding.attention_sinks=4 decodes "
+              f"past it)", file=warn or sys.stderr)
     return decoding
 
 
@@ -84,9 +86,22 @@ def report_speculative(out, file: TextIO | None = None) -> None:
           f"forward, {stats.tokens_per_second:.1f} tokens/s", file=file or sys.stderr)
 
 
+def report_repetition(sequences: list[list[int]], file: TextIO | None = None) -> None:
+    """The repetition table (distinct-n, rep-4, trailing loop) of the generated tokens, on
+    stderr: stdout keeps exactly the text or JSON lines it has without the report."""
+    print(format_report(repetition_report(sequences)), file=file or sys.stderr)
+
+
+def _check_report(report: object) -> None:
+    if not isinstance(report, bool):
+        raise ValueError(f"report={report!r}; expected true or false")
+
+
 def generate_text(run: LoadedRun, prompts: list[str], requested: DecodingConfig,
-                  draft: LoadedRun | None = None) -> list[dict]:
-    """One record per output row: prompt, text, tokens, logprobs, finish reason (+ extras)."""
+                  draft: LoadedRun | None = None, report: bool = False) -> list[dict]:
+    """One record per output row: prompt, text, tokens, logprobs, finish reason (+ extras).
+    report: also print the repetition table of the generated tokens on stderr."""
+    _check_report(report)
     check_draft_run(run, draft)
     ids = [encode_prompt(run.tokenizer, run.space, p) for p in prompts]
     decoding = decoding_for(run.model, run.space, requested, max(len(i) for i in ids))
@@ -94,6 +109,8 @@ def generate_text(run: LoadedRun, prompts: list[str], requested: DecodingConfig,
     out = generate(run.model, ids, decoding, decode=decode,
                    draft=draft.model if draft is not None else None)
     report_speculative(out)
+    if report:
+        report_repetition(out.sequences)
     n = decoding.num_return_sequences
     records = []
     for row, tokens in enumerate(out.sequences):
@@ -109,8 +126,10 @@ def generate_text(run: LoadedRun, prompts: list[str], requested: DecodingConfig,
 
 
 def stream_text(run: LoadedRun, prompt: str, requested: DecodingConfig,
-                draft: LoadedRun | None = None) -> Iterable[str]:
-    """The prompt, then pieces of generated text as they are produced (one row)."""
+                draft: LoadedRun | None = None, report: bool = False) -> Iterable[str]:
+    """The prompt, then pieces of generated text as they are produced (one row).
+    report: at the end, print the repetition table of the generated tokens on stderr."""
+    _check_report(report)
     check_draft_run(run, draft)
     ids = encode_prompt(run.tokenizer, run.space, prompt)
     decoding = decoding_for(run.model, run.space, requested, len(ids))
@@ -122,6 +141,9 @@ def stream_text(run: LoadedRun, prompt: str, requested: DecodingConfig,
             yield next(events).text
         except StopIteration as done:  # the generator's return value: the whole output
             report_speculative(done.value)
+            if report:
+                print(file=sys.stderr)  # the streamed text has no newline of its own yet
+                report_repetition(done.value.sequences)
             return
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import pickle
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,7 +22,7 @@ from armodal.data.audio_module import AudioDataModule
 from armodal.data.image_module import ImageDataModule
 from armodal.lit import ARModule
 from armodal.loggers import finish_runs
-from armodal.resume import AtomicCheckpointIO, RunStopped, StopOnSignal
+from armodal.resume import AtomicCheckpointIO, fit_resumable
 
 
 @dataclass
@@ -108,17 +107,7 @@ def train(cfg: DictConfig) -> TrainResult:
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
                                      default_root_dir=str(run_dir),
                                      plugins=[AtomicCheckpointIO()])
-    resume = resume_from(cfg, run_dir)
-    try:  # weights_only: a checkpoint someone handed over is data, never code to run
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(f"refusing checkpoint {resume}: it holds objects other than tensors and "
-                         f"plain data, which could run code when unpickled ({err})") from err
-    for callback in callbacks:
-        if isinstance(callback, StopOnSignal) and callback.received is not None:
-            raise RunStopped(f"{callback.received} at step {trainer.global_step}: saved "
-                             f"{callback.dirpath / 'last.ckpt'}; continue with the same command "
-                             f"plus resume=auto run_dir={run_dir}", callback.received)
+    fit_resumable(trainer, module, run_dir, cfg.resume, datamodule=datamodule)
     if not module.val_history or module.val_history[-1][0] != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # the final figure
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -157,21 +146,6 @@ def load_weights_from(run_dir: str, model, space, tokenizer) -> None:
         shapes = "; ".join(line.strip() for line in str(err).splitlines()[1:3])
         raise ValueError(f"init_from={run_dir!r}: its layers do not match this model's "
                          f"(choose the same model size): {shapes}") from None
-
-
-def resume_from(cfg: DictConfig, run_dir: Path) -> str | None:
-    """The checkpoint to continue from: resume=auto takes <run_dir>/checkpoints/last.ckpt when
-    a killed run left one (and starts afresh when not), any other value is a checkpoint path."""
-    if cfg.resume is None:
-        return None
-    if cfg.resume == "auto":
-        last = run_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
-    if not Path(cfg.resume).is_file():
-        raise FileNotFoundError(f"resume={cfg.resume!r} is not a file; pass resume=auto (with "
-                                f"run_dir=<the run's dir>) or a Lightning checkpoint such as "
-                                f"<run dir>/checkpoints/last.ckpt")
-    return cfg.resume
 
 
 def build_datamodule(cfg: DictConfig, tokenizer) -> TokenDataModule | ImageDataModule \

@@ -121,6 +121,9 @@ def test_audio_folder_reads_files_with_transcripts(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no .wav/.flac/.ogg"):
         AudioFolder(str(tmp_path / "empty")).files()
+    (tmp_path / "u1.txt").write_bytes("héllo".encode("latin-1"))  # not UTF-8
+    with pytest.raises(ValueError, match=r"transcript '.*u1\.txt' is not UTF-8 text"):
+        AudioFolder(str(tmp_path), sample_rate=8000, clip_seconds=1.0).load()
 
 
 def test_sentences_are_plain_words():

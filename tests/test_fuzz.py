@@ -11,8 +11,10 @@ import functools
 import io
 import json
 import math
+import struct
 import sysconfig
 import tempfile
+import time
 import warnings
 from fractions import Fraction
 from pathlib import Path
@@ -21,12 +23,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+import torchaudio.functional as AF
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from armodal.checkpoint import load_run, save_run
-from armodal.data.audio import read_audio, read_native
+from armodal.data import audio as audio_data
+from armodal.data.audio import read_audio, read_native, resample_many
 from armodal.data.episodes import Episode, load_episode, save_episode
 from armodal.generation.config import DecodingConfig
 from armodal.model import ModelConfig, Transformer
@@ -41,12 +45,16 @@ SLOW_EXAMPLES = 500
 _HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
 
 
-def _pair(check, *strategies, fast: int = FAST_EXAMPLES, **kw):
-    """(default test, slow test) running `check` under @given(*strategies, **kw)."""
+def _pair(check, *strategies, fast: int = FAST_EXAMPLES, examples=(), **kw):
+    """(default test, slow test) running `check` under @given(*strategies, **kw); each tuple in
+    `examples` is an explicit @example (a past finding) both of them run first."""
 
     def build(n: int, slow: bool):
+        test = given(*strategies, **kw)(check)
+        for args in examples:
+            test = example(*args)(test)
         test = settings(max_examples=n, deadline=None, suppress_health_check=_HEALTH,
-                        derandomize=not slow)(given(*strategies, **kw)(check))
+                        derandomize=not slow)(test)
         return pytest.mark.slow(test) if slow else test
 
     return build(fast, False), build(SLOW_EXAMPLES, True)
@@ -58,10 +66,15 @@ def _clean(err: BaseException) -> None:
     assert str(err).strip(), "error without a message"
 
 
-# Text including lone surrogates, which Python str may hold.
-ANY_TEXT = st.text(st.one_of(st.characters(),
-                             st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)))
 SAFE_TEXT = st.text()  # hypothesis excludes surrogates by default
+SURROGATE = st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)
+# Text holding at least one lone surrogate (Python str may hold them), anywhere in it. (Mixing
+# SURROGATE into text()'s alphabet instead gives one in about 1 text of 300: its 2048 code
+# points are a sliver of all characters.)
+WITH_SURROGATE = st.tuples(
+    st.text(max_size=8), SURROGATE, st.text(st.one_of(st.characters(), SURROGATE), max_size=8),
+    st.lists(SURROGATE, max_size=2)).map(lambda t: t[0] + t[1] + t[2] + "".join(t[3]))
+ANY_TEXT = st.one_of(SAFE_TEXT, WITH_SURROGATE)
 
 
 def _has_surrogate(s: str) -> bool:
@@ -152,9 +165,84 @@ def check_bpe_decode_any(ids):
 
 test_bpe_roundtrip_text, test_bpe_roundtrip_text_slow = _pair(check_bpe_roundtrip, SAFE_TEXT)
 test_bpe_roundtrip_any_str, test_bpe_roundtrip_any_str_slow = _pair(
-    check_bpe_roundtrip, ANY_TEXT.filter(_has_surrogate))
+    check_bpe_roundtrip, WITH_SURROGATE)
 test_bpe_decode_any_ids, test_bpe_decode_any_ids_slow = _pair(
     check_bpe_decode_any, st.lists(st.integers(-5, 320), max_size=40))
+
+
+def _first_surrogate(corpus: list[str]) -> tuple[int, int] | None:
+    """(document, character) of the first lone surrogate in `corpus`, or None."""
+    for doc, s in enumerate(corpus):
+        for pos, c in enumerate(s):
+            if 0xD800 <= ord(c) <= 0xDFFF:
+                return doc, pos
+    return None
+
+
+def check_fit_corpus(corpus):
+    """fit takes any corpus of valid text; one holding a lone surrogate is refused with a
+    ValueError naming the first bad document and character, and leaves the tokenizer unfitted."""
+    bad = _first_surrogate(corpus)
+    for tok in (CharTokenizer(), BPETokenizer(vocab_size=260, min_frequency=1)):
+        name = type(tok).__name__
+        if bad is not None:
+            with pytest.raises(ValueError, match=rf"{name}\.fit: document {bad[0]} of the corpus "
+                                                 rf"is not valid Unicode: .* at character {bad[1]} "):
+                tok.fit(iter(corpus))  # a stream: the check must not need a second pass
+            assert not tok.is_fitted
+        elif isinstance(tok, CharTokenizer) and not "".join(corpus):
+            with pytest.raises(ValueError, match="no characters"):
+                tok.fit(corpus)
+        else:
+            tok.fit(iter(corpus))
+            if isinstance(tok, CharTokenizer):
+                assert tok.alphabet == "".join(sorted(set("".join(corpus))))
+            for s in corpus:
+                assert tok.decode(tok.encode(s)) == s
+
+
+test_fit_corpus, test_fit_corpus_slow = _pair(
+    check_fit_corpus, st.lists(ANY_TEXT, max_size=5),
+    examples=[(["ok", "c\ud800d"],), (["\udfff"],), (["é", "", "x\udc80\ud800"],)])
+
+
+def test_fit_refuses_bad_documents():
+    for tok in (CharTokenizer(), BPETokenizer(vocab_size=260)):
+        name = type(tok).__name__
+        with pytest.raises(ValueError, match=rf"{name}\.fit: document 2 of the corpus is not "
+                                             r"valid Unicode: .*'\\ud800' at character 3"):
+            tok.fit(["abc", "déf", "ghé\ud800"])
+        with pytest.raises(TypeError, match=rf"{name}\.fit .* document 1 of the corpus is bytes"):
+            tok.fit(["abc", b"def"])
+        assert not tok.is_fitted
+    with pytest.raises(ValueError, match="no characters"):
+        CharTokenizer().fit(["", ""])
+    with pytest.raises(ValueError, match=r"alphabet is not valid Unicode: .* at character 1"):
+        CharTokenizer(alphabet="a\ud800")  # e.g. from a config.json holding "\\ud800"
+    assert CharTokenizer(json.loads(json.dumps(CharTokenizer("ab😀").alphabet))).vocab_size == 3
+
+
+def test_char_fit_check_is_cheap():
+    """The surrogate check adds little to fit on a large corpus (one set update per document)."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    text = (stdlib / "textwrap.py").read_text() + "héllo wörld ✓ 日本語\n"
+    corpus = [text] * 200 + text.splitlines() * 20  # ~4 MB: a few long and many short documents
+
+    def best(f):
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    def bare():
+        chars: set[str] = set()
+        for s in corpus:
+            chars.update(s)
+
+    fit = best(lambda: CharTokenizer().fit(corpus))
+    assert fit < 1.5 * best(bare) + 0.02, (fit, best(bare))
 
 
 # ----------------------------------------------------------------------------- mu-law audio
@@ -713,6 +801,19 @@ test_episode_wrong_fields, test_episode_wrong_fields_slow = _pair(
     check_episode_wrong_fields, episode_fields(), fast=40)
 
 
+def test_episode_float64_beyond_float32():
+    """A finite float64 reward just past float32's largest value (the minimal example of
+    test_episode_wrong_fields_slow) loaded as inf. It must be refused, naming the file."""
+    buf = io.BytesIO()
+    np.savez(buf, meta='{"env_id": "X-v0"}', observations=np.zeros((1, 2), np.float32),
+             actions=np.zeros(1, np.float32), rewards=np.array([3.40282357e+38]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ep, err = _load_episode_bytes(buf.getvalue())
+    assert ep is None, f"loaded as rewards {ep.rewards}"
+    _assert_clean_episode_error(err)
+
+
 # ----------------------------------------------------------------------------- audio files
 
 
@@ -780,7 +881,71 @@ test_wav_random_bytes, test_wav_random_bytes_slow = _pair(
     RATES)
 test_wav_corrupted_header, test_wav_corrupted_header_slow = _pair(
     check_wav_corrupted, st.sampled_from(["PCM_16", "FLOAT"]),
-    st.lists(st.tuples(st.integers(0, 63), st.integers(0, 255)), min_size=1, max_size=3), RATES)
+    st.lists(st.tuples(st.integers(0, 63), st.integers(0, 255)), min_size=1, max_size=3), RATES,
+    # Finding: a rate of 204609 Hz (bytes 24 and 26) made resampling to 16 kHz build a 13 GB
+    # kernel (RuntimeError, or the machine swapping); a rate of 1 Hz, 16000 samples per sample.
+    examples=[("PCM_16", [(24, 0x41), (26, 3)], 16000), ("FLOAT", [(24, 1), (25, 0)], 16000)])
+
+
+def check_wav_any_rate(subtype, rate, sample_rate):
+    """Any rate in the header: refused naming the file and the allowed range, or read (and
+    resampled) to exactly the documented length, quickly."""
+    blob = bytearray(_wav_bytes(subtype))
+    blob[24:28] = struct.pack("<I", rate)
+    t0 = time.perf_counter()
+    wave, err = _read_wav_bytes(bytes(blob), sample_rate)
+    assert time.perf_counter() - t0 < 10, f"reading a {rate} Hz file took too long"
+    lo, hi = audio_data.NATIVE_RATES
+    if not lo <= rate <= hi:
+        assert err is not None, f"a {rate} Hz file was read"
+        _assert_audio_result(wave, err)
+        assert "sample rate" in str(err) or "cannot read" in str(err), err
+        return
+    assert err is None, err
+    expected = 400 if sample_rate is None else math.ceil(400 * sample_rate / rate)
+    assert len(wave) == expected
+    _assert_audio_result(wave, err)
+    assert ((wave >= -1) & (wave <= 1)).all()
+
+
+test_wav_any_rate, test_wav_any_rate_slow = _pair(
+    check_wav_any_rate, st.sampled_from(["PCM_16", "FLOAT"]),
+    st.one_of(st.integers(0, 2**32 - 1), st.integers(900, 800_000),
+              st.sampled_from([1, 999, 1000, 8001, 11025, 44101, 767999, 768000, 768001])),
+    RATES, examples=[("PCM_16", 204609, 16000), ("PCM_16", 44101, 8000)])
+
+COMMON_RATES = st.sampled_from([8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000])
+
+
+def check_resample_direct_matches_torchaudio(rates, n, seed):
+    """The direct path (rates with a huge polyphase kernel) computes torchaudio's resample."""
+    rate, sample_rate = rates
+    wave = torch.randn(n, generator=torch.Generator().manual_seed(seed)) * 0.3
+    ref = AF.resample(wave.double(), rate, sample_rate)  # float64: its own rounding is ~1e-4
+    got = audio_data._resample_direct(wave, rate, sample_rate)
+    assert got.dtype == wave.dtype and len(got) == math.ceil(n * sample_rate / rate)
+    assert len(ref) == len(got)
+    torch.testing.assert_close(got.double(), ref, atol=1e-6, rtol=0)
+
+
+test_resample_direct, test_resample_direct_slow = _pair(
+    check_resample_direct_matches_torchaudio,
+    st.one_of(st.lists(COMMON_RATES, min_size=2, max_size=2, unique=True).map(tuple),
+              st.lists(st.integers(50, 500), min_size=2, max_size=2, unique=True).map(tuple)),
+    st.integers(1, 1000), st.integers(0, 2**16), fast=15)
+
+
+def test_resample_coprime_rates_is_fast_and_right():
+    """44101 -> 16000 Hz (gcd 1): torchaudio's kernel would be 16000 x 44113 elements."""
+    assert audio_data._kernel_size(44101, 16000) > audio_data._MAX_KERNEL
+    t = torch.arange(44101 * 2, dtype=torch.float64) / 44101
+    waves = [(0.5 * torch.sin(2 * math.pi * 440 * t)).float(), torch.zeros(3)]
+    t0 = time.perf_counter()
+    out, short = resample_many(waves, 44101, 16000)
+    assert time.perf_counter() - t0 < 5
+    assert len(out) == math.ceil(len(t) * 16000 / 44101) and len(short) == 2
+    expect = 0.5 * torch.sin(2 * math.pi * 440 * torch.arange(len(out)) / 16000)
+    torch.testing.assert_close(out[100:-100], expect[100:-100].float(), atol=2e-3, rtol=0)
 
 
 # ----------------------------------------------------------------------------- run directories
@@ -865,3 +1030,47 @@ test_run_config_any_json, test_run_config_any_json_slow = _pair(
 test_run_config_corrupted, test_run_config_corrupted_slow = _pair(
     check_run_config_corrupted,
     st.lists(st.tuples(st.integers(0, 3000), st.integers(32, 126)), min_size=1, max_size=3))
+
+SAFETENSORS_DTYPES = ["F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U64", "U32",
+                      "U16", "U8", "BOOL"]
+
+
+@functools.lru_cache(maxsize=1)
+def _run_weights() -> dict[str, torch.Tensor]:
+    loaded, err = _load_run_with()
+    assert err is None, err
+    return {k: v.clone() for k, v in loaded.model.state_dict().items()}
+
+
+def _with_header(blob: bytes, header: dict) -> bytes:
+    """`blob` (safetensors) with its JSON header replaced, padded to 8 bytes as the format does."""
+    size = int.from_bytes(blob[:8], "little")
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + blob[8 + size:]
+
+
+def check_run_weights_header(index, dtype, shape):
+    """Any dtype (and maybe shape) in the weights' header for one tensor: a clean refusal, or
+    exactly the saved weights (never the stored bytes cast into wrong values)."""
+    blob = _run_files()["model.safetensors"]
+    header = json.loads(blob[8:8 + int.from_bytes(blob[:8], "little")])
+    name = sorted(k for k in header if k != "__metadata__")[index % (len(header) - 1)]
+    header[name]["dtype"] = dtype
+    if shape is not None:
+        header[name]["shape"] = shape
+    loaded, err = _load_run_with(weights=_with_header(blob, header))
+    if err is not None:
+        _assert_clean_run_error(err)
+        return
+    state = loaded.model.state_dict()
+    assert state.keys() == _run_weights().keys()
+    for key, value in _run_weights().items():
+        assert torch.equal(state[key], value), f"{key} loaded changed ({name} stored as {dtype})"
+
+
+test_run_weights_header, test_run_weights_header_slow = _pair(
+    check_run_weights_header, st.integers(0, 100), st.sampled_from(SAFETENSORS_DTYPES),
+    st.one_of(st.none(), st.lists(st.integers(0, 300), max_size=3)),
+    # Finding: float32 weights stored as I32 (the same bytes) loaded as their int values cast.
+    examples=[(0, "I32", None), (3, "U32", None)])

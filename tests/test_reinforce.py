@@ -16,7 +16,7 @@ from armodal.reinforce import (
     sample_rollouts,
     token_logprobs,
 )
-from armodal.rewards import PythonParses, RepetitionPenalty, Sample, repeated_ngram_fraction
+from armodal.rewards import PythonParses, RepetitionPenalty, Sample
 from armodal.train import train
 
 
@@ -37,11 +37,11 @@ def test_python_parses_judges_whole_lines_of_a_cut_snippet():
 
 
 def test_repetition_penalty_counts_repeated_ngrams():
-    assert repeated_ngram_fraction([1, 2, 3, 4, 5], 2) == 0.0
-    assert repeated_ngram_fraction([1, 2, 1, 2, 1, 2], 2) == pytest.approx(3 / 5)
-    assert repeated_ngram_fraction([7, 7, 7, 7], 1) == pytest.approx(3 / 4)
-    assert repeated_ngram_fraction([1, 2], 4) == 0.0
-    assert RepetitionPenalty(2)([sample("", tokens=[1, 2, 1, 2, 1, 2])]) == [pytest.approx(-0.6)]
+    penalty = RepetitionPenalty(2)
+    assert penalty([sample("", tokens=[1, 2, 3, 4, 5])]) == [0.0]
+    assert penalty([sample("", tokens=[1, 2, 1, 2, 1, 2])]) == [pytest.approx(-3 / 5)]
+    assert RepetitionPenalty(1)([sample("", tokens=[7, 7, 7, 7])]) == [pytest.approx(-3 / 4)]
+    assert RepetitionPenalty(4)([sample("", tokens=[1, 2])]) == [0.0]  # no 4-gram at all
     with pytest.raises(ValueError, match="n=0"):
         RepetitionPenalty(0)
 

@@ -13,9 +13,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from armodal.cli import RECIPES_DIR, compose_config
 from armodal.resume import ResumableLoader
@@ -133,11 +135,140 @@ def test_loader_resumes_mid_epoch_and_after_a_whole_epoch():
 
 
 def make_loader(data: list[int], seed: int) -> ResumableLoader:
-    from torch.utils.data import RandomSampler
-
     gen = torch.Generator().manual_seed(seed)
     return ResumableLoader(data, RandomSampler(data, generator=gen), batch_size=4,
                            drop_last=True)
+
+
+# ------------------------------------------------- per-item randomness, workers, restores
+
+
+class RandomItems(Dataset):
+    """20 items that draw random numbers: item i is (i, a draw from torch's, python's and
+    numpy's global RNG), like a random crop, an augmentation or condition dropout."""
+
+    random_items = True
+
+    def __len__(self) -> int:
+        return 20
+
+    def __getitem__(self, i: int) -> torch.Tensor:  # (4,)
+        return torch.tensor([i, int(torch.randint(1 << 30, ())), random.randrange(1 << 30),
+                             int(np.random.randint(1 << 30))])
+
+
+class UnseededItems(RandomItems):
+    random_items = False  # draws all the same, undeclared: the global RNGs advance
+
+
+def data_loader(dataset, seed: int, num_workers: int = 0) -> ResumableLoader:
+    """What the data modules build: the sampler's generator is the loader's too."""
+    gen = torch.Generator().manual_seed(seed)
+    return ResumableLoader(dataset, RandomSampler(dataset, generator=gen), batch_size=4,
+                           drop_last=True, generator=gen, num_workers=num_workers,
+                           persistent_workers=num_workers > 0)
+
+
+def epochs_of(loader, n: int) -> list[list]:
+    """`n` epochs of batches, taken as Lightning takes them: it knows an epoch's length and
+    never asks for a batch past the last (prefetching workers do)."""
+    return [[batch.tolist() for _, batch in zip(range(len(loader)), loader)] for _ in range(n)]
+
+
+def state_after(loader: ResumableLoader, epochs: int, batches: int) -> dict:
+    """Train `epochs` whole epochs and `batches` batches more; the loader's state then."""
+    for _ in range(epochs):
+        for _ in loader:
+            loader.step_done()
+    iterator = iter(loader)
+    for _ in range(batches):
+        next(iterator)
+        loader.step_done()
+    return loader.state_dict()
+
+
+def test_random_items_are_the_same_with_and_without_workers_in_the_same_order():
+    data = RandomItems()
+    main = epochs_of(data_loader(data, seed=3), 3)
+    assert epochs_of(data_loader(data, seed=3, num_workers=2), 3) == main  # persistent workers
+    # The order is the one a plain DataLoader(shuffle=True) with that generator gives.
+    gen = torch.Generator().manual_seed(3)
+    plain = DataLoader(list(range(20)), batch_size=4, shuffle=True, generator=gen,
+                       drop_last=True)
+    assert [[[item[0] for item in batch] for batch in epoch] for epoch in main] \
+        == epochs_of(plain, 3)
+    draws = {}  # (epoch, index) -> the item's three draws
+    for e, epoch in enumerate(main):
+        draws.update({(e, item[0]): tuple(item[1:]) for batch in epoch for item in batch})
+    assert len(set(draws.values())) == len(draws) == 3 * 20  # fresh numbers per item and epoch
+    other_seed = epochs_of(data_loader(data, seed=4), 1)[0]
+    assert {item[0]: item[1:] for b in other_seed for item in b} \
+        != {item[0]: item[1:] for b in main[0] for item in b}  # the run's seed matters
+
+
+def test_fetching_random_items_leaves_the_main_process_rngs_alone():
+    def states():
+        return torch.get_rng_state(), random.getstate(), np.random.get_state()[1].tolist()
+
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    before = states()
+    epochs_of(data_loader(RandomItems(), seed=3), 2)
+    after = states()
+    assert torch.equal(after[0], before[0]) and after[1:] == before[1:]
+    epochs_of(data_loader(UnseededItems(), seed=3), 1)  # the control: its draws show
+    assert not torch.equal(states()[0], before[0]) and states()[1] != before[1]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("dataset", [list(range(20)), RandomItems()], ids=["plain", "random"])
+def test_a_restored_loader_continues_with_the_very_batches(dataset, num_workers):
+    """Mid-epoch and at an epoch's end, in the first epoch and a later one (persistent workers
+    draw their base seed from the shared generator in the first epoch only)."""
+    expected = epochs_of(data_loader(dataset, seed=3, num_workers=num_workers), 4)
+    for epochs, batches in [(0, 2), (1, 3), (0, 5), (1, 5)]:
+        state = state_after(data_loader(dataset, seed=3, num_workers=num_workers), epochs,
+                            batches)
+        again = data_loader(dataset, seed=99, num_workers=num_workers)  # the state must win
+        again.load_state_dict(state)
+        # The rest of the epoch (none when it had ended), then the next one.
+        rest = [expected[epochs][batches:], expected[epochs + 1]] if batches < 5 \
+            else expected[epochs + 1:epochs + 3]
+        assert epochs_of(again, 2) == rest, (epochs, batches)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_condition_dropout_resumes_exactly(num_workers):
+    """A conditional image run's training batches, label dropout included: the same with and
+    without workers, and the same after a restore as in the uninterrupted run."""
+    from armodal.data.image_module import ImageDataModule
+    from armodal.data.images import DigitsImages
+    from armodal.tokenizers.image import PixelTokenizer
+
+    class Few(DigitsImages):  # 60 digits: 45 train, 5 batches of 8 per epoch
+        def load(self):
+            return super().load().subset(torch.arange(60))
+
+    def module(workers: int) -> ImageDataModule:
+        dm = ImageDataModule(Few(), PixelTokenizer(8, 1, levels=17), batch_size=8,
+                             val_fraction=0.25, conditional=True, cond_dropout=0.5, seed=0,
+                             num_workers=workers)
+        dm.setup()
+        return dm
+
+    def loader(workers: int) -> ResumableLoader:
+        return module(workers).train_dataloader()
+
+    expected = epochs_of(loader(0), 3)
+    labels = torch.tensor([item[1] for epoch in expected for batch in epoch for item in batch])
+    dropped = (labels == module(0).layout.prefix(None)[1]).float().mean()  # the null class
+    assert 0.3 < dropped < 0.7
+    if num_workers:
+        assert epochs_of(loader(num_workers), 3) == expected
+    for epochs, batches in [(1, 2), (0, 5)]:
+        again = loader(num_workers)
+        again.load_state_dict(state_after(loader(num_workers), epochs, batches))
+        rest = expected[epochs][batches:] if batches < 5 else expected[epochs + 1]
+        assert [batch.tolist() for batch in again] == rest, (epochs, batches)
 
 
 def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path, small_corpus,

@@ -13,12 +13,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from armodal.codecs.artefact import save_codec
 from armodal.codecs.audio_codec import AudioCodec
 from armodal.codecs.audio_lit import AudioCodecModule
-from armodal.codecs.train import fit_and_validate
+from armodal.codecs.train import codec_train_loader, codec_val_loader, fit_and_validate
 from armodal.data.audio import AudioSet, split_audio
 from armodal.loggers import finish_runs
 
@@ -40,6 +40,8 @@ class Clips(Dataset):
 
     def __init__(self, clips: Tensor, segment: int | None = None):
         self.clips, self.segment = clips, segment
+        # Crops draw from torch's global RNG: a ResumableLoader seeds it per item.
+        self.random_items = segment is not None and segment < clips.shape[1]
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -48,7 +50,7 @@ class Clips(Dataset):
         clip = self.clips[i]  # (S,)
         if self.segment is None or self.segment >= clip.shape[0]:
             return clip
-        # torch's global generator: seeded by seed_everything, and per worker by Lightning.
+        # torch's global RNG, seeded per item by a ResumableLoader (random_items).
         start = int(torch.randint(clip.shape[0] - self.segment + 1, ()))
         return clip[start:start + self.segment]
 
@@ -70,11 +72,8 @@ def train_audio_codec(cfg: DictConfig) -> AudioCodecTrainResult:
     if segment < 1:
         raise ValueError(f"data.segment_seconds={cfg.data.segment_seconds} gives no samples "
                          f"at {data.sample_rate} Hz")
-    loader = {"batch_size": cfg.data.batch_size, "num_workers": cfg.data.num_workers,
-              "persistent_workers": cfg.data.num_workers > 0}
-    train_loader = DataLoader(Clips(train_set.clips, segment), shuffle=True,
-                              drop_last=len(train_set) > cfg.data.batch_size, **loader)
-    val_loader = DataLoader(Clips(val_set.clips), shuffle=False, **loader)
+    train_loader = codec_train_loader(cfg, Clips(train_set.clips, segment), "clips")
+    val_loader = codec_val_loader(cfg, Clips(val_set.clips))
 
     model: AudioCodec = instantiate(cfg.model, sample_rate=data.sample_rate)
     module = AudioCodecModule(model, optimizer=instantiate(cfg.optim.optimizer),

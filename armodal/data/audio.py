@@ -30,6 +30,14 @@ __all__ = ["AUDIO_EXTENSIONS", "AudioFolder", "AudioSet", "AudioSource", "Synthe
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
 MONO_MODES = ("mix", "refuse")
+# Native sample rates read_native accepts: anything outside is a damaged header, not audio (a
+# rate of 1 Hz would turn each stored sample into thousands when resampled).
+NATIVE_RATES = (1000, 768_000)
+# Beyond this many elements, torchaudio's polyphase kernel (one row per output phase: rates
+# with a small gcd, such as 44101 -> 16000 Hz, need gigabytes) is not built; the same
+# windowed-sinc filter is then evaluated per output sample instead (_resample_direct).
+_MAX_KERNEL = 1 << 24
+_LOWPASS_WIDTH, _ROLLOFF = 6, 0.99  # torchaudio.functional.resample's defaults
 
 
 @dataclass
@@ -78,7 +86,8 @@ def read_native(path: str | Path, mono: str = "mix") -> tuple[Tensor, int]:
     """One file (WAV / FLAC / OGG, via soundfile) as ((S,) float32, its own sample rate).
 
     mono="mix" averages the channels of a multi-channel file; "refuse" raises naming the file.
-    Raises ValueError naming the file when it is unreadable or holds no samples."""
+    Raises ValueError naming the file when it is unreadable, holds no samples, or declares a
+    sample rate outside NATIVE_RATES."""
     if mono not in MONO_MODES:
         raise ValueError(f"mono={mono!r}; allowed: {', '.join(MONO_MODES)}")
     try:
@@ -87,6 +96,9 @@ def read_native(path: str | Path, mono: str = "mix") -> tuple[Tensor, int]:
         raise ValueError(f"cannot read audio file {str(path)!r}: {err}") from err
     if data.shape[0] == 0:
         raise ValueError(f"audio file {str(path)!r} holds no samples")
+    if not NATIVE_RATES[0] <= rate <= NATIVE_RATES[1]:
+        raise ValueError(f"audio file {str(path)!r} declares a sample rate of {rate} Hz; allowed: "
+                         f"{NATIVE_RATES[0]} to {NATIVE_RATES[1]} Hz (is its header damaged?)")
     if data.shape[1] > 1 and mono == "refuse":
         raise ValueError(f"audio file {str(path)!r} has {data.shape[1]} channels; mono audio "
                          f"is expected (mono=mix averages the channels)")
@@ -101,9 +113,12 @@ def read_audio(path: str | Path, sample_rate: int, mono: str = "mix") -> Tensor:
 
 def resample_many(waves: list[Tensor], rate: int, sample_rate: int) -> list[Tensor]:
     """Resample 1-D waves of one rate in a single pass (the sinc kernel is built once, which
-    dominates for short files), clamped to [-1, 1]."""
+    dominates for short files), clamped to [-1, 1]. Rates whose kernel would be huge (a small
+    gcd) are resampled wave by wave with the same filter, evaluated directly."""
     if rate == sample_rate:
         return [w.clamp(-1.0, 1.0) for w in waves]
+    if _kernel_size(rate, sample_rate) > _MAX_KERNEL:
+        return [_resample_direct(w, rate, sample_rate).clamp(-1.0, 1.0) for w in waves]
     # Each wave is padded to a whole number of gcd blocks so its resampled length is exact and
     # the concatenation splits back cleanly; the padding's few samples of ringing are trimmed.
     block = rate // math.gcd(rate, sample_rate)
@@ -113,6 +128,39 @@ def resample_many(waves: list[Tensor], rate: int, sample_rate: int) -> list[Tens
     sizes = [p.shape[0] * sample_rate // rate for p in padded]
     return [piece[:math.ceil(n * sample_rate / rate)].clamp(-1.0, 1.0)
             for piece, n in zip(out.split(sizes), lengths)]
+
+
+def _kernel_size(rate: int, sample_rate: int) -> int:
+    """Elements of the kernel torchaudio's resample builds for rate -> sample_rate."""
+    g = math.gcd(rate, sample_rate)
+    orig, new = rate // g, sample_rate // g
+    width = math.ceil(_LOWPASS_WIDTH * orig / (min(orig, new) * _ROLLOFF))
+    return new * (orig + 2 * width)
+
+
+def _resample_direct(wave: Tensor, rate: int, sample_rate: int) -> Tensor:
+    """torchaudio.functional.resample's filter (Hann-windowed sinc, its default width and
+    rolloff) evaluated for each output sample y[j] = sum_i x[i] h(i / rate - j / sample_rate):
+    time and memory linear in the wave's length for any pair of rates, where the polyphase
+    kernel grows with rate * sample_rate / gcd**2. Same result, up to float rounding."""
+    n = wave.shape[0]
+    n_out = -(-n * sample_rate // rate)
+    base = min(rate, sample_rate) * _ROLLOFF
+    reach = math.ceil(_LOWPASS_WIDTH * rate / base)  # input samples each side of an output
+    taps = torch.arange(2 * reach + 2)
+    x = torch.nn.functional.pad(wave.double(), (2 * reach + 2, 2 * reach + 2))  # zeros outside
+    out = torch.empty(n_out, dtype=torch.float64)
+    step = max(1, (1 << 20) // len(taps))
+    for start in range(0, n_out, step):
+        j = torch.arange(start, min(n_out, start + step))[:, None]
+        i = (j * rate) // sample_rate - reach + taps  # (chunk, taps) input indices
+        t = ((i * sample_rate - j * rate).double() / (rate * sample_rate) * base)
+        t = t.clamp_(-_LOWPASS_WIDTH, _LOWPASS_WIDTH)
+        h = torch.cos(t * (math.pi / _LOWPASS_WIDTH / 2)) ** 2
+        t *= math.pi
+        h *= torch.where(t == 0, torch.ones_like(t), t.sin() / t) * (base / rate)
+        out[start:start + len(j)] = (x[i + 2 * reach + 2] * h).sum(1)
+    return out.to(wave.dtype)
 
 
 def read_many(paths: list[Path], sample_rate: int, mono: str = "mix") -> list[Tensor]:
@@ -192,7 +240,7 @@ class AudioFolder:
         transcripts = [path.with_suffix(".txt") for path in files]
         clips, texts = clips_and_texts(
             read_many(files, self.sample_rate, self.mono),
-            [t.read_text().strip() if t.is_file() else "" for t in transcripts],
+            [read_transcript(t) for t in transcripts],
             self.clip_samples)
         any_text = any(t.is_file() for t in transcripts)
         return AudioSet(clips, self.sample_rate, texts if any_text else None,
@@ -238,3 +286,14 @@ class SyntheticTones:
 
     def fingerprint(self) -> str:
         return f"tones-{self.n}-{self.sample_rate}-{self.clip_seconds}-{self.seed}"
+
+
+def read_transcript(path: Path) -> str:
+    """The text of a clip's `.txt` transcript ("" when it has none), UTF-8."""
+    if not path.is_file():
+        return ""
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"transcript {str(path)!r} is not UTF-8 text ({err.reason} at byte "
+                         f"{err.start}); save it as UTF-8") from None

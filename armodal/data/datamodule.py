@@ -26,6 +26,13 @@ def evenly_spaced(dataset: Dataset, count: int | None) -> Dataset:
 
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int, **kwargs: Any) -> DataLoader:
     """The DataLoader every data module uses (workers kept alive between epochs)."""
+    if num_workers > 0:
+        # Each new iterator draws the workers' base seed from its generator, by default torch's
+        # global one; persistent workers draw once per run, so a resumed run would draw at
+        # another moment than an uninterrupted one and its dropout would differ. Its own
+        # generator leaves the global stream alone. (Without workers that draw happens at
+        # every validation alike, resumed or not, so recipes' figures stay as they were.)
+        kwargs.setdefault("generator", torch.Generator().manual_seed(0))
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                       persistent_workers=num_workers > 0, **kwargs)
 

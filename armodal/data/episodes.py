@@ -28,6 +28,9 @@ __all__ = ["Episode", "EpisodeFolder", "REQUIRED_FIELDS", "load_episode", "save_
 REQUIRED_FIELDS = ("observations", "actions", "rewards", "meta")
 
 
+F32_MAX = float(np.finfo(np.float32).max)
+
+
 @dataclass
 class Episode:
     observations: np.ndarray  # (T, D_obs) float32
@@ -43,6 +46,10 @@ class Episode:
                 raise ValueError(f"{who}: {name} must be real numbers, got dtype {value.dtype}")
             if not np.isfinite(value).all():
                 raise ValueError(f"{who}: {name} holds NaN or inf values")
+            if value.dtype.kind == "f" and np.abs(value).max(initial=0) > F32_MAX:
+                # the float32 cast below would turn such a value into inf
+                raise ValueError(f"{who}: {name} holds values beyond float32's range "
+                                 f"(|x| <= {F32_MAX:.4g}), which episodes are stored in")
             setattr(self, name, value)
         if self.actions.ndim == 1 and ((self.actions != np.round(self.actions)).any()
                                        or np.abs(self.actions).max(initial=0) >= 2**62):

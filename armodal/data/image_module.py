@@ -18,7 +18,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from armodal.data.datamodule import make_loader, make_train_loader
 from armodal.data.images import ImageSet, ImageSource, split_images
@@ -81,25 +81,24 @@ def image_sequences(layout: ImageLayout, tokenizer: Any, data: ImageSet) -> Tens
 
 class ConditionDropout(Dataset):
     """Image sequences; in training each class token becomes the null class with probability p,
-    so one model learns p(x | class) and p(x) (classifier-free guidance needs both)."""
+    so one model learns p(x | class) and p(x) (classifier-free guidance needs both).
 
-    def __init__(self, sequences: Tensor, p: float, label_pos: int | None, null_id: int,
-                 seed: int) -> None:
+    The draw comes from torch's global RNG: a ResumableLoader seeds it per item (random_items),
+    so the dropped labels are the same with any num_workers and after a resume."""
+
+    def __init__(self, sequences: Tensor, p: float, label_pos: int | None,
+                 null_id: int) -> None:
         self.sequences, self.p, self.label_pos, self.null_id = sequences, p, label_pos, null_id
-        self.seed = seed
-        self._gen: torch.Generator | None = None
+        self.random_items = label_pos is not None and p > 0  # else nothing random to seed
 
     def __len__(self) -> int:
         return len(self.sequences)
 
     def __getitem__(self, i: int) -> Tensor:
-        seq = self.sequences[i]
-        if self.label_pos is None or self.p == 0:
+        seq = self.sequences[i]  # (L,)
+        if not self.random_items:  # unconditional, or no dropout
             return seq
-        if self._gen is None:  # per worker process: each draws its own stream
-            worker = get_worker_info()
-            self._gen = torch.Generator().manual_seed(self.seed + (worker.id if worker else 0))
-        if torch.rand((), generator=self._gen) < self.p:
+        if torch.rand(()) < self.p:
             seq = seq.clone()
             seq[self.label_pos] = self.null_id
         return seq
@@ -193,7 +192,7 @@ class ImageDataModule(L.LightningDataModule):
         label_pos = 1 if layout.conditional else None
         null_id = layout.prefix(None)[1] if layout.conditional else -1
         self.train_set = ConditionDropout(self.train_sequences, self.cond_dropout, label_pos,
-                                          null_id, self.seed)
+                                          null_id)
 
     def train_dataloader(self) -> DataLoader:
         gen = torch.Generator().manual_seed(self.seed)

@@ -96,9 +96,10 @@ class CompiledStep:
         self._fn = torch.compile(decode_step, **self.options)
 
     def __call__(self, tokens: Tensor, cache: KVCache, positions: Tensor) -> Tensor:
-        if cache.rolling:
+        if not cache.static:
             raise ValueError("compiled decoding needs a static KV cache; a rolling cache "
-                             "(sliding-window decoding past max_seq_len) is eager-only")
+                             "(sliding-window decoding past max_seq_len) or a sink cache "
+                             "(attention_sinks) is eager-only")
         if tokens.shape != (cache.k.shape[1], 1) or positions.shape != tokens.shape:
             raise ValueError(f"compiled step takes tokens and positions of shape (B, 1) = "
                              f"({cache.k.shape[1]}, 1); got {tuple(tokens.shape)} and "

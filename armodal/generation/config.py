@@ -96,6 +96,12 @@ class DecodingConfig:
             probability below this ([0, 1]; 0 always drafts gamma tokens).
         prompt_lookup_max_ngram: longest n-gram prompt lookup matches (>= 1); shorter ones
             are tried when it does not occur earlier.
+        attention_sinks: None (off), or decode with a bounded sink cache (StreamingLLM): the
+            first attention_sinks positions (>= 0) are kept forever beside a ring of the most
+            recent cache_window ones, so any model decodes past max_seq_len in bounded
+            memory. Greedy or sampling, cached and eager only.
+        cache_window: the ring's size with attention_sinks (>= 1); None: the most the model
+            allows, max_seq_len - attention_sinks (capped by a sliding window).
     """
 
     strategy: str = "sample"
@@ -130,6 +136,8 @@ class DecodingConfig:
     adaptive_draft: bool = True
     draft_confidence: float = 0.0
     prompt_lookup_max_ngram: int = 3
+    attention_sinks: int | None = None
+    cache_window: int | None = None
 
     def __post_init__(self) -> None:
         # Hydra hands over ListConfig / list; tuples keep the frozen config hashable.
@@ -193,6 +201,7 @@ class DecodingConfig:
                   "decodes over the KV cache)")
         self._check_speculative_options()
         self._check_beam_options()
+        self._check_sink_options()
 
     def _check_speculative_options(self) -> None:
         _check_int("num_draft_tokens", self.num_draft_tokens, 1)
@@ -233,6 +242,25 @@ class DecodingConfig:
         if self.stop_strings:
             _fail("stop_strings", self.stop_strings, "empty with strategy='beam' (use "
                   "stop_token_ids or stop_sequences)")
+
+    def _check_sink_options(self) -> None:
+        if self.cache_window is not None:
+            _check_int("cache_window", self.cache_window, 1, "or None")
+            if self.attention_sinks is None:
+                _fail("cache_window", self.cache_window, "None unless attention_sinks is set")
+        if self.attention_sinks is None:
+            return
+        _check_int("attention_sinks", self.attention_sinks, 0, "or None")
+        # The sink cache is a ring: no beam reordering in place, no speculative rollback, no
+        # static-cache graph, and the uncached path has no cache to bound.
+        refusals = [(self.strategy == "beam", f"strategy={self.strategy!r}"),
+                    (self.speculative is not None, f"speculative={self.speculative!r}"),
+                    (self.compile, "compile=True"), (not self.use_cache, "use_cache=False")]
+        for refused, what in refusals:
+            if refused:
+                _fail("attention_sinks", self.attention_sinks,
+                      f"None with {what} (the sink cache serves cached, eager greedy or "
+                      "sampling decoding)")
 
     @property
     def uses_history(self) -> bool:

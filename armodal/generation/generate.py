@@ -7,7 +7,9 @@ sequence is re-run every step: the reference the cached path must equal.
 
 Context policy: a full-attention model refuses prompt + max_new_tokens > max_seq_len with a
 ValueError (see fit_to_context); a sliding-window model decodes past it with a rolling cache of
-window size, since RoPE is relative and the window bounds every distance.
+window size, since RoPE is relative and the window bounds every distance. With
+config.attention_sinks any model decodes past it with a bounded sink cache (StreamingLLM: the
+first positions plus a recent window, RoPE positions numbered inside the cache; KVCache.place).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from armodal.generation.processors import process_logits
 from armodal.generation.sampling import RowSampler, guided_logits
 from armodal.generation.speculative_stats import SpeculativeStats
 from armodal.generation.stopping import StopChecker
+from armodal.model import max_sink_slots
 
 __all__ = ["GenerationOutput", "TokenEvent", "generate", "stream", "fit_to_context"]
 
@@ -76,9 +79,10 @@ class TokenEvent:
 def fit_to_context(config: DecodingConfig, model: nn.Module, prompt_len: int) -> DecodingConfig:
     """config with max_new_tokens cut to the room the prompt leaves in the model's context.
 
-    Sliding-window models decode past max_seq_len (rolling cache), so they are returned as is.
+    Sliding-window models (rolling cache) and attention sinks (sink cache) decode past
+    max_seq_len, so they are returned as is.
     """
-    if model.config.sliding_window is not None:
+    if model.config.sliding_window is not None or config.attention_sinks is not None:
         return config
     room = model.config.max_seq_len - prompt_len
     if room < 1:
@@ -287,10 +291,16 @@ def _plan_cache(model: nn.Module, feed: list[list[int]], config: DecodingConfig)
     c = model.config
     longest = max(len(p) for p in feed)
     total = longest + config.max_new_tokens
+    if config.attention_sinks is not None:  # bounded: any length (config: cached, eager)
+        slots = _sink_slots(model, config)
+        if total <= slots:  # never outgrown: the static cache gives the same output, faster
+            return model.new_cache(len(feed), total), longest
+        return model.new_cache(len(feed), slots, sinks=config.attention_sinks), longest
     if total > c.max_seq_len and (c.sliding_window is None or not config.use_cache):
         raise ValueError(f"prompt of {longest} tokens + max_new_tokens={config.max_new_tokens} "
                          f"exceeds the model's max_seq_len={c.max_seq_len}; only a "
-                         f"sliding-window model with use_cache decodes past it")
+                         f"sliding-window model with use_cache, or attention_sinks, decodes "
+                         f"past it")
     if not config.use_cache:
         return None, longest
     if total > c.max_seq_len and config.compile:
@@ -306,6 +316,18 @@ def _plan_cache(model: nn.Module, feed: list[list[int]], config: DecodingConfig)
 
         return model.new_cache(len(feed), cache_len(total, c.max_seq_len)), longest
     return model.new_cache(len(feed), total), longest
+
+
+def _sink_slots(model: nn.Module, config: DecodingConfig) -> int:
+    """The sink cache's size, attention_sinks + cache_window (default: as many as allowed)."""
+    sinks, limit = config.attention_sinks, max_sink_slots(model.config, config.attention_sinks)
+    window = config.cache_window if config.cache_window is not None else limit - sinks
+    if window < 1 or sinks + window > limit:
+        raise ValueError(f"attention_sinks={sinks} + cache_window={window} = {sinks + window} "
+                         f"cache slots; this model allows 1 <= cache_window and at most {limit} "
+                         f"slots in all (max_seq_len={model.config.max_seq_len}, "
+                         f"sliding_window={model.config.sliding_window})")
+    return sinks + window
 
 
 def _left_pad(rows: list[list[int]], device) -> tuple[Tensor, Tensor | None]:

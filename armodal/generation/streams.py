@@ -216,6 +216,8 @@ def _check_config(config: DecodingConfig) -> None:
         (config.speculative is not None, f"speculative={config.speculative!r} is not supported "
          "for multi-stream code generation; use None"),
         (config.compile, "compile=True is not supported for multi-stream code generation"),
+        (config.attention_sinks is not None, f"attention_sinks={config.attention_sinks} is not "
+         "supported for multi-stream code generation (fixed-length layouts); use None"),
         (config.num_return_sequences != 1, f"num_return_sequences="
          f"{config.num_return_sequences} is not supported; repeat the prefix rows instead"),
         (config.top_logprobs != 0, f"top_logprobs={config.top_logprobs} is not supported; "

@@ -6,7 +6,7 @@ comparably across tokenizers.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -20,14 +20,39 @@ def _target(obj: object) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
+def _check_unicode(sample: str, where: str) -> None:
+    """ValueError naming the first lone surrogate (U+D800-U+DFFF) in `sample` and its position:
+    Python str may hold one, but it is not text any tokenizer can hold (it has no UTF-8)."""
+    if sample.isascii():  # the common case, checked at memory speed
+        return
+    try:
+        sample.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"{where} is not valid Unicode: it holds the lone surrogate {sample[err.start]!r} at "
+            f"character {err.start} (U+D800-U+DFFF alone are not text and have no UTF-8)") from err
+
+
 def _check_str(sample: object, who: str) -> str:
     if not isinstance(sample, str):
         raise TypeError(f"{who}.encode expects str, got {type(sample).__name__}")
-    try:
-        sample.encode("utf-8")
-    except UnicodeEncodeError as err:  # a lone surrogate: not text any tokenizer can hold
-        raise ValueError(f"{who}.encode: the text is not valid Unicode ({err})") from err
+    _check_unicode(sample, f"{who}.encode: the text")
     return sample
+
+
+def _check_document(sample: object, index: int, who: str) -> str:
+    """One document of a fit corpus: a str of valid Unicode, else an error naming its index."""
+    if not isinstance(sample, str):
+        raise TypeError(f"{who}.fit expects an iterable of str; document {index} of the corpus "
+                        f"is {type(sample).__name__}, not str")
+    _check_unicode(sample, f"{who}.fit: document {index} of the corpus")
+    return sample
+
+
+def _checked_corpus(samples: Iterable[str], who: str) -> Iterator[str]:
+    """`samples`, streamed, each checked by _check_document as it is consumed."""
+    for index, sample in enumerate(samples):
+        yield _check_document(sample, index, who)
 
 
 def _check_ids(ids: torch.Tensor, vocab_size: int, who: str) -> list[int]:
@@ -89,10 +114,23 @@ class CharTokenizer:
         return bool(self.alphabet)
 
     def fit(self, samples: Iterable[str]) -> None:
-        """Set the alphabet to the sorted set of characters in `samples`."""
+        """Set the alphabet to the sorted set of characters in `samples` (an iterable of str).
+
+        ValueError naming the document and position of a lone surrogate, or for a corpus with
+        no characters; TypeError naming a document that is not a str."""
         chars: set[str] = set()
-        for s in samples:
-            chars.update(_check_str(s, "CharTokenizer"))
+        for index, s in enumerate(samples):
+            if not isinstance(s, str):
+                _check_document(s, index, "CharTokenizer")
+            size = len(chars)
+            chars.update(s)
+            # A lone surrogate would be a new character: only a document that adds characters
+            # needs the (linear) Unicode check, so a large corpus costs about one set update.
+            if len(chars) != size:
+                _check_document(s, index, "CharTokenizer")
+        if not chars:
+            raise ValueError("CharTokenizer.fit: the corpus holds no characters (no documents, "
+                             "or only empty ones)")
         self.load_state_dict({"alphabet": "".join(sorted(chars))})
 
     def state_dict(self) -> dict:
@@ -102,8 +140,9 @@ class CharTokenizer:
     def load_state_dict(self, state: dict) -> None:
         """Restore an alphabet from `state_dict()` output."""
         alphabet = state["alphabet"]
-        if not alphabet or len(set(alphabet)) != len(alphabet):
+        if not isinstance(alphabet, str) or not alphabet or len(set(alphabet)) != len(alphabet):
             raise ValueError(f"alphabet must be a non-empty string of distinct characters, got {alphabet!r}")
+        _check_unicode(alphabet, "CharTokenizer alphabet")
         self.alphabet = "".join(sorted(alphabet))
         self.vocab_size = len(self.alphabet)
         # Sorted code points let encode use one vectorized searchsorted instead of a Python loop.
@@ -177,7 +216,8 @@ class BPETokenizer:
         return self._tok is not None
 
     def fit(self, samples: Iterable[str]) -> None:
-        """Train the merges on `samples` (an iterable of str, streamed)."""
+        """Train the merges on `samples` (an iterable of str, streamed); errors as
+        CharTokenizer.fit for a document that is not a str or holds a lone surrogate."""
         tok = _HFTokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
@@ -188,7 +228,7 @@ class BPETokenizer:
             special_tokens=[],
             show_progress=False,
         )
-        tok.train_from_iterator(samples, trainer=trainer)
+        tok.train_from_iterator(_checked_corpus(samples, "BPETokenizer"), trainer=trainer)
         self._set(tok)
 
     def _set(self, tok: _HFTokenizer) -> None:
