@@ -60,9 +60,10 @@ def evaluate(run_dir: str, data: str | None = None, pattern: str = "**/*", batch
         raise ValueError(f"context={context}, rope_scaling={rope_scaling!r}: only text runs are "
                          f"scored at another context; {run.tokenizer.modality} runs score whole "
                          f"sequences of their own length")
-    trained = run.model.config.max_seq_len
+    config = run.model.config
+    trained = config.rope_original_len or config.max_seq_len  # before any context extension
     if extending:
-        extend_context(run.model, context or trained, rope_scaling, rope_factor)
+        extend_context(run.model, context or config.max_seq_len, rope_scaling, rope_factor)
     if run.tokenizer.modality in ("image", "audio"):
         if data is not None:
             raise ValueError(f"data={data!r}: {run.tokenizer.modality} runs are scored on their "

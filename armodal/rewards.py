@@ -9,6 +9,8 @@ RepetitionPenalty  minus the fraction of tokens that repeat an n-gram already in
 from __future__ import annotations
 
 import ast
+import io
+import tokenize
 import warnings
 from dataclasses import dataclass
 from typing import Protocol
@@ -37,10 +39,15 @@ class PythonParses:
 
     A continuation cut off by max_new_tokens is judged on its whole lines (up to the last
     newline): a snippet is not penalised for where the length limit fell, only for what it
-    wrote. A finished one (the model ended the document) is judged whole."""
+    wrote. A finished one (the model ended the document) is judged whole.
+
+    The snippet must also begin with the prompt's own Python tokens: without that check a
+    model tuned on prompt "def" learns to write "def_name" plus a comment, which parses (a
+    bare name) but is no function at all (found in the first tuning run)."""
 
     def __call__(self, samples: list[Sample]) -> list[float]:
-        return [1.0 if parses(snippet(s)) else 0.0 for s in samples]
+        return [1.0 if parses(code := snippet(s)) and keeps_prompt(s.prompt, code) else 0.0
+                for s in samples]
 
 
 def snippet(sample: Sample) -> str:
@@ -60,6 +67,32 @@ def parses(code: str) -> bool:
     except (SyntaxError, ValueError, RecursionError, MemoryError):  # ValueError: NUL bytes
         return False
     return True
+
+
+def keeps_prompt(prompt: str, code: str) -> bool:
+    """Whether `code` (which parses) starts with the Python tokens of `prompt`, e.g. prompt
+    "def" -> NAME 'def' first, not 'def_name'."""
+    wanted = python_tokens(prompt)
+    if not wanted:  # no prompt, or one that does not tokenize on its own (an open string)
+        return True
+    return python_tokens(code, len(wanted)) == wanted
+
+
+def python_tokens(code: str, limit: int | None = None) -> list[str] | None:
+    """The first `limit` significant token strings of `code` (no comments, newlines,
+    indentation), or None when it does not tokenize."""
+    found = []
+    skip = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
+            tokenize.ENCODING, tokenize.ENDMARKER}
+    try:
+        for token in tokenize.generate_tokens(io.StringIO(code).readline):
+            if token.type not in skip:
+                found.append(token.string)
+                if limit is not None and len(found) == limit:
+                    break
+    except (tokenize.TokenError, SyntaxError):
+        return None if limit is None else found
+    return found
 
 
 class RepetitionPenalty:

@@ -36,6 +36,16 @@ def test_python_parses_judges_whole_lines_of_a_cut_snippet():
     assert reward([sample("x = \0\n", prompt="")]) == [0.0]  # a NUL byte: ValueError, caught
 
 
+def test_python_parses_wants_the_prompt_kept():
+    """A tuned model gamed the bare parse check: prompt "def", continuation "_name # ...":
+    valid Python (a name), no function. The snippet must begin with the prompt's tokens."""
+    reward = PythonParses()
+    assert reward([sample("_name\n# a comment\n", prompt="def")]) == [0.0]
+    assert reward([sample(" f(x):\n    return x\n", prompt="def")]) == [1.0]
+    assert reward([sample("y = 1\n", prompt="x =")]) == [1.0]  # x = y = 1
+    assert reward([sample("pass\n", prompt="")]) == [1.0]  # nothing to keep
+
+
 def test_repetition_penalty_counts_repeated_ngrams():
     penalty = RepetitionPenalty(2)
     assert penalty([sample("", tokens=[1, 2, 3, 4, 5])]) == [0.0]
