@@ -137,7 +137,7 @@ def resume(value: Any) -> str | None:
 
 
 _CHECKS: list[tuple[str, Check]] = [
-    ("task", choice("codec", "audio_codec", "sequence_tuning")),
+    ("task", choice("codec", "audio_codec", "sequence_tuning", "episode_tuning")),
     ("seed", integer(0, 2**32 - 1)),  # Lightning's seed_everything bounds
     ("resume", resume),
     ("compile", boolean),
@@ -194,4 +194,5 @@ _CHECKS: list[tuple[str, Check]] = [
     ("max_new_tokens", integer(1)),
     ("temperature", number(0, low_open=True)),
     ("kl_weight", number(0)),
+    ("episodes_per_step", integer(2)),  # episode-return tuning (armodal/control/tuning.py)
 ]

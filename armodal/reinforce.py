@@ -19,6 +19,7 @@ import copy
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from torch.utils.data import DataLoader
 from armodal.checkpoint import LoadedRun, load_run, save_run
 from armodal.generation import DecodingConfig, generate
 from armodal.loggers import finish_runs
+from armodal.resume import AtomicCheckpointIO, fit_resumable
 from armodal.rewards import Reward, Sample
 from armodal.textgen import decode_text, encode_prompt
 
@@ -135,8 +137,10 @@ class SequenceTuner(L.LightningModule):
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.kl_weight, self.seed = kl_weight, seed
 
-    def training_step(self, step: Tensor, batch_idx: int) -> Tensor:
-        step = int(step.item())
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        # The step, not the batch, picks the prompts and seeds the samples: a resumed run
+        # (global_step restored from the checkpoint) draws what the uninterrupted one would.
+        step = self.global_step
         chosen = random.Random(self.seed * 1_000_003 + step).sample(
             self.prompts, min(self.per_step, len(self.prompts)))
         rollouts = sample_rollouts(self.model, self.run, chosen, self.k, self.max_new_tokens,
@@ -165,7 +169,8 @@ class SequenceTuner(L.LightningModule):
 
 
 class Steps(torch.utils.data.Dataset):
-    """The step indices: each step draws its own prompts and samples from them."""
+    """One placeholder item per step: each step draws its own prompts and samples from them
+    (training_step), so there is no data to load."""
 
     def __init__(self, n: int):
         self.n = n
@@ -223,9 +228,15 @@ def train_sequence_level(cfg: DictConfig):
 
     before = held_out(init.model)
     loggers = [instantiate(c) for c in cfg.logger.values()]
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False,
-                                     default_root_dir=str(run_dir), limit_val_batches=0)
-    trainer.fit(tuner, train_dataloaders=DataLoader(Steps(cfg.trainer.max_steps), batch_size=None))
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
+                                     default_root_dir=str(run_dir), limit_val_batches=0,
+                                     plugins=[AtomicCheckpointIO()])
+    steps = DataLoader(Steps(cfg.trainer.max_steps), batch_size=None)
+    # Lightning warns that this loader cannot resume mid-epoch; it has nothing to resume (the
+    # step number picks each step's prompts and seeds).
+    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+    fit_resumable(trainer, tuner, run_dir, cfg.resume, train_dataloaders=steps)
     after = held_out(tuner.model)
     save_run(run_dir, tuner.model.eval(), init.space, init.tokenizer, extra={
         **{k: v for k, v in init.meta.items() if k not in ("model", "space", "tokenizer")},

@@ -64,7 +64,8 @@ def train(cfg: DictConfig) -> TrainResult:
 
     A config with `task: codec` trains a neural image tokenizer instead (armodal.codecs.train),
     `task: audio_codec` a neural audio codec (armodal.codecs.audio_train), `task:
-    sequence_tuning` fine-tunes a text run with REINFORCE (armodal.reinforce)."""
+    sequence_tuning` fine-tunes a text run with REINFORCE (armodal.reinforce), `task:
+    episode_tuning` an action run on its episode return (armodal.control.tuning)."""
     check_train_config(cfg)  # a bad value fails now, naming its key, not after the data work
     if cfg.get("task") == "codec":
         from armodal.codecs.train import train_codec
@@ -74,6 +75,10 @@ def train(cfg: DictConfig) -> TrainResult:
         from armodal.reinforce import train_sequence_level
 
         return train_sequence_level(cfg)
+    if cfg.get("task") == "episode_tuning":
+        from armodal.control.tuning import train_episode_level
+
+        return train_episode_level(cfg)
     if cfg.get("task") == "audio_codec":
         from armodal.codecs.audio_train import train_audio_codec
 
