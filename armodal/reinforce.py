@@ -258,10 +258,11 @@ class SequenceTuningResult:
     tuner: SequenceTuner
 
 
-def summary(run_dir: Path, before: dict, after: dict, steps: int, seconds: float) -> str:
+def summary(run_dir: Path, before: dict, after: dict, steps: int, seconds: float,
+            use: str | None = None) -> str:
+    """The end-of-run block; `use` is how to use the result (default: generate text)."""
     rows = [f"  {name:<14} {before[name]:>10.4f} {after[name]:>10.4f}" for name in before]
+    use = use or f"  generate       armodal generate run={run_dir} prompt=\"...\""
     return "\n".join(["", "=" * 72, f"sequence-level fine-tuning: {steps} steps, {seconds:.0f} s",
                       f"  run dir        {run_dir}",
-                      f"  {'held out':<14} {'before':>10} {'after':>10}", *rows,
-                      f"  generate       armodal generate run={run_dir} prompt=\"...\"",
-                      "=" * 72])
+                      f"  {'held out':<14} {'before':>10} {'after':>10}", *rows, use, "=" * 72])

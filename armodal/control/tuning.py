@@ -230,5 +230,6 @@ def train_episode_level(cfg):
     finish_runs(loggers)
     from armodal.reinforce import SequenceTuningResult, summary
 
-    print(summary(run_dir, before, after, trainer.global_step, time.perf_counter() - start))
+    print(summary(run_dir, before, after, trainer.global_step, time.perf_counter() - start,
+                  use=f"  play it        armodal eval run={run_dir}"))
     return SequenceTuningResult(Path(run_dir), before, after, trainer.global_step, tuner)
