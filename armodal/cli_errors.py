@@ -76,6 +76,11 @@ def one_line(error: BaseException,
         options = re.findall(r"^\t(\S+)$", text, flags=re.MULTILINE)
         return (f"{missing.group(1)}={missing.group(2)}: no such option"
                 + (f"; available: {', '.join(options)}" if options else ""))
+    required = re.match(r"Missing mandatory value: ?(\S*)", text)
+    if required:
+        key = re.search(r"full_key: (\S+)", text)
+        key = key.group(1) if key else required.group(1)
+        return f"{key} is required (the config leaves it ???); pass {key}=..."
     called = re.match(r"Error in call to target '([^']+)'", text)
     if called and cause is not None:
         key = re.search(r"full_key: (\S+)", text)

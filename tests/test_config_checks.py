@@ -104,6 +104,8 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
      "armodal train: error: model.dropout=1.5: expected a finite number in [0, 1)"),
     (["generate", "run=x", "decoding=greedyy"],
      "armodal generate: error: decoding=greedyy: no such option; available: beam, default"),
+    (["train", "actions_rl"],
+     "armodal train: error: init_run is required (the config leaves it ???); pass init_run=..."),
     (["eval", "run=x", "actions.episods=3"],
      "armodal eval: error: unknown config key 'actions.episods' (did you mean actions.episodes?)"),
 ])
