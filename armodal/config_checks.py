@@ -4,7 +4,8 @@ A bad value is refused at once, in one line that names its key, the value and wh
 instead of minutes later (after a tokenizer fit) as a library's error that names neither.
 Only keys the config has are checked, so one function serves the LM, codec and audio codec
 configs. Checks that need several keys (d_model divisible by n_head, ...) are the config
-classes' own: ModelConfig and DecodingConfig are built here from the config, which is cheap.
+classes' own: ModelConfig, DecodingConfig and ScheduledSampling are built here from the
+config, which is cheap.
 """
 
 from __future__ import annotations
@@ -39,6 +40,14 @@ def check_train_config(cfg: DictConfig) -> None:
         _build(cfg, "model", vocab_size=2)  # vocab_size comes from the data; any value will do
     if OmegaConf.select(cfg, "decoding._target_", default=None) is not None:
         _build(cfg, "decoding")
+    scheduled = OmegaConf.select(cfg, "scheduled_sampling", default=None)
+    if scheduled is not None:
+        from armodal.lit import ScheduledSampling  # its checks name scheduled_sampling.<key>
+
+        try:
+            ScheduledSampling(**OmegaConf.to_container(scheduled, resolve=True))
+        except (TypeError, ValueError) as error:
+            raise ConfigError(str(error)) from error
 
 
 def _build(cfg: DictConfig, key: str, **kwargs: Any) -> None:
@@ -144,13 +153,6 @@ _CHECKS: list[tuple[str, Check]] = [
     ("nonfinite", choice("skip", "stop")),
     ("checkpoint_every", integer(1)),
     ("sample_every_validation", boolean),
-    ("scheduled_sampling.schedule", choice(None, "linear", "exponential", "inverse_sigmoid")),
-    ("scheduled_sampling.eps_start", number(0, 1)),
-    ("scheduled_sampling.eps_end", number(0, 1)),
-    ("scheduled_sampling.steps", integer(1)),
-    ("scheduled_sampling.k", number(1)),
-    ("scheduled_sampling.mode", choice("sample", "argmax")),
-    ("scheduled_sampling.temperature", number(0, low_open=True)),
     ("model.n_layer", integer(1)),
     ("model.n_head", integer(1)),
     ("model.n_kv_head", integer(1, none=True)),

@@ -1,7 +1,7 @@
 """Running a trained model past the context it was trained at.
 
 `extend_context` rebuilds a model at a longer max_seq_len with a RoPE scaling (linear, NTK-aware
-or YaRN, see armodal.model.scaled_rope) on the very same weights: RoPE has no learned position
+or YaRN, see armodal.rope.scaled_rope) on the very same weights: RoPE has no learned position
 table, so only the rotation frequencies change.
 """
 

@@ -218,23 +218,33 @@ def train_sequence_level(cfg: DictConfig):
                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                           kl_weight=cfg.kl_weight, seed=cfg.seed)
 
+    val_tokens = torch.from_numpy(val_split_tokens(init)[0].astype("int64"))  # read once
+
     def held_out(model) -> dict[str, float]:
         scores = score_samples(model, init, prompts, rewards, cfg.eval.samples,
                                cfg.max_new_tokens, cfg.temperature, cfg.eval.seed)
-        tokens, _, _ = val_split_tokens(init)
-        nll = mean_nll(model.eval(), torch.from_numpy(tokens.astype("int64")),
-                       model.config.max_seq_len, 16, cfg.eval.val_batches)
+        nll = mean_nll(model.eval(), val_tokens, model.config.max_seq_len, 16,
+                       cfg.eval.val_batches)
         return {**scores, "val_loss": nll, "val_ppl": math.exp(nll)}
 
+    return tune_and_save(cfg, init, tuner, run_dir, held_out, start)
+
+
+def tune_and_save(cfg: DictConfig, init: LoadedRun, tuner: L.LightningModule, run_dir: Path,
+                  held_out, start: float, use: str | None = None,
+                  **trainer_kwargs) -> SequenceTuningResult:
+    """What text and episode tuning share: score the start with `held_out(model)`, fit
+    `tuner` (its `model` a copy of init.model) one placeholder batch per step, resumably,
+    score the result, save it as a run dir like the start's, print the summary."""
     before = held_out(init.model)
     loggers = [instantiate(c) for c in cfg.logger.values()]
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
                                      default_root_dir=str(run_dir), limit_val_batches=0,
-                                     plugins=[AtomicCheckpointIO()])
+                                     plugins=[AtomicCheckpointIO()], **trainer_kwargs)
     steps = DataLoader(Steps(cfg.trainer.max_steps), batch_size=None)
     # Lightning warns that this loader cannot resume mid-epoch; it has nothing to resume (the
-    # step number picks each step's prompts and seeds).
+    # step number picks each step's samples and seeds).
     warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
     fit_resumable(trainer, tuner, run_dir, cfg.resume, train_dataloaders=steps)
     after = held_out(tuner.model)
@@ -245,7 +255,8 @@ def train_sequence_level(cfg: DictConfig):
                             "config": OmegaConf.to_container(cfg, resolve=True)},
     })
     finish_runs(loggers)
-    print(summary(run_dir, before, after, trainer.global_step, time.perf_counter() - start))
+    print(summary(run_dir, before, after, trainer.global_step, time.perf_counter() - start,
+                  use))
     return SequenceTuningResult(Path(run_dir), before, after, trainer.global_step, tuner)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
@@ -67,9 +68,11 @@ class Score:
 
 
 def play(agent: Agent, env_id: str, seeds: list[int], batch_size: int, name: str,
-         target_return: float | None = None) -> Score:
+         target_return: float | None = None,
+         on_act: Callable[[np.ndarray], None] | None = None) -> Score:
     """One episode per seed, `batch_size` environments at a time; each row's episode ends when
-    its environment terminates or truncates, and the batch when all have."""
+    its environment terminates or truncates, and the batch when all have. `on_act(running)`
+    is called after each act() with the rows (B,) bool whose episodes still run."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     returns, steps, start = [], 0, time.perf_counter()
@@ -81,6 +84,8 @@ def play(agent: Agent, env_id: str, seeds: list[int], batch_size: int, name: str
         done, total = np.zeros(len(chunk), bool), np.zeros(len(chunk))
         while True:
             actions = agent.act()
+            if on_act is not None:
+                on_act(~done)
             rewards = np.zeros(len(chunk))
             for i, env in enumerate(envs):
                 if done[i]:

@@ -20,7 +20,6 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -28,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from armodal.control.evaluate import play
 from armodal.control.policy import SequencePolicy
-from armodal.control.rollout import make_env
 from armodal.generation import DecodingConfig
 
 __all__ = ["Decisions", "EpisodeTuner", "decision_logprobs", "play_and_record",
@@ -52,17 +51,13 @@ def play_and_record(policy: SequencePolicy, env_id: str, seeds: list[int],
                     target_return: float | None) -> Decisions:
     """One episode per seed, all in one batch; only decisions of episodes still running
     count (a finished row keeps acting on its last observation, ignored)."""
-    envs = [make_env(env_id) for _ in seeds]
-    obs = np.stack([env.reset(seed=s)[0] for env, s in zip(envs, seeds)])
-    policy.reset(obs, target_return)
-    done, total = np.zeros(len(seeds), bool), np.zeros(len(seeds))
-    contexts, tokens, dims, rows, steps = [], [], [], [], 0
+    contexts, tokens, dims, rows = [], [], [], []
     n_action = policy.n_action
-    while True:
-        actions = policy.act()
+
+    def record(running: np.ndarray) -> None:
         context = policy.decision_context()  # (B, n): before the last action token
         chosen = torch.from_numpy(policy.steps[-1][:, -n_action:])  # (B, D_act) global ids
-        for row in np.flatnonzero(~done):
+        for row in np.flatnonzero(running):
             for k in range(n_action):
                 # action token k came after the context minus the action tokens that followed
                 # clone, outside inference mode: a plain tensor autograd may save later
@@ -70,21 +65,10 @@ def play_and_record(policy: SequencePolicy, env_id: str, seeds: list[int],
                 tokens.append(int(chosen[row, k]))
                 dims.append(k)
                 rows.append(int(row))
-        rewards = np.zeros(len(seeds))
-        for i, env in enumerate(envs):
-            if done[i]:
-                continue
-            obs[i], rewards[i], terminated, truncated, _ = env.step(actions[i])
-            done[i] = terminated or truncated
-            steps += 1
-        total += rewards
-        if done.all():
-            break
-        policy.observe(obs, rewards)
-    for env in envs:
-        env.close()
+
+    score = play(policy, env_id, seeds, len(seeds), "sampled", target_return, on_act=record)
     return Decisions(contexts, torch.tensor(tokens), torch.tensor(dims), torch.tensor(rows),
-                     torch.from_numpy(total), steps)
+                     torch.tensor(score.returns, dtype=torch.float64), score.steps)
 
 
 def returns_advantages(returns: Tensor) -> Tensor:
@@ -182,14 +166,10 @@ def train_episode_level(cfg):
     """Fine-tune the action run cfg.init_run on its episode return; greedy returns on
     held-out seeds before and after; save a run dir like the start's."""
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-    from torch.utils.data import DataLoader
 
-    from armodal.checkpoint import load_run, save_run
+    from armodal.checkpoint import load_run
     from armodal.control.evaluate import evaluate_run
-    from armodal.loggers import finish_runs
-    from armodal.reinforce import Steps
-    from armodal.resume import AtomicCheckpointIO, fit_resumable
+    from armodal.reinforce import tune_and_save
     from armodal.train import start_run
 
     start = time.perf_counter()
@@ -211,25 +191,7 @@ def train_episode_level(cfg):
                              baselines=False).scores[0]
         return {"return": score.mean, "return_std": score.std}
 
-    before = held_out(init.model)
-    loggers = [instantiate(c) for c in cfg.logger.values()]
-    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     # Manual optimization clips its own gradients (max_grad_norm); Lightning refuses both.
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
-                                     default_root_dir=str(run_dir), limit_val_batches=0,
-                                     gradient_clip_val=None, plugins=[AtomicCheckpointIO()])
-    steps = DataLoader(Steps(cfg.trainer.max_steps), batch_size=None)
-    fit_resumable(trainer, tuner, run_dir, cfg.resume, train_dataloaders=steps)
-    after = held_out(tuner.model)
-    save_run(run_dir, tuner.model.eval(), init.space, init.tokenizer, extra={
-        **{k: v for k, v in init.meta.items() if k not in ("model", "space", "tokenizer")},
-        "sequence_tuning": {"init_run": str(init.path), "before": before, "after": after,
-                            "steps": trainer.global_step,
-                            "config": OmegaConf.to_container(cfg, resolve=True)},
-    })
-    finish_runs(loggers)
-    from armodal.reinforce import SequenceTuningResult, summary
-
-    print(summary(run_dir, before, after, trainer.global_step, time.perf_counter() - start,
-                  use=f"  play it        armodal eval run={run_dir}"))
-    return SequenceTuningResult(Path(run_dir), before, after, trainer.global_step, tuner)
+    return tune_and_save(cfg, init, tuner, run_dir, held_out, start,
+                         use=f"  play it        armodal eval run={run_dir}",
+                         gradient_clip_val=None)
