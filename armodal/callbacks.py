@@ -31,11 +31,12 @@ class LossCurve(L.Callback):
     def on_validation_end(self, trainer, pl_module) -> None:
         # Runs after ARModule.on_validation_epoch_end has recorded this validation's loss.
         self.val = list(getattr(pl_module, "val_history", []))
-        if not trainer.sanity_checking:
+        if not trainer.sanity_checking and trainer.is_global_zero:  # one writer per run
             self.draw()
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        self.draw()
+        if trainer.is_global_zero:
+            self.draw()
 
     def draw(self) -> None:
         if not self.train:
@@ -222,3 +223,44 @@ class WallClock(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.seconds, self._running_since = self.elapsed(), None
+
+
+class SampleSegments(L.Callback):
+    """After each validation, mixed-modality runs: the last segment of the first `count` val
+    samples of each paired part, generated from the others (a caption from an image, an
+    image from a caption). Text goes to `<path>/samples.txt` beside the truth, images to
+    `<path>/step_XXXXXX_<part>.png`, speech to `<path>/step_XXXXXX_<part>_<i>.wav`."""
+
+    def __init__(self, tokenizer, val_samples: dict[str, list], decoding: DecodingConfig,
+                 path: str, count: int = 8):
+        self.tokenizer, self.decoding, self.path = tokenizer, decoding, Path(path)
+        self.samples = {part: samples[:count] for part, samples in val_samples.items()
+                        if samples and len(samples[0]) >= 2}
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        from armodal.crossmodal import next_segment
+        from armodal.imagegen import save_grid
+
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        step = trainer.global_step
+        self.path.mkdir(parents=True, exist_ok=True)
+        for part, samples in self.samples.items():
+            modality = samples[0][-1][0]
+            truths = [sample[-1][1] for sample in samples]
+            outputs = [content for content, _ in next_segment(
+                pl_module.model, self.tokenizer, [s[:-1] for s in samples], modality,
+                self.decoding)]
+            if modality == "image":
+                save_grid(torch.stack(outputs), self.path / f"step_{step:06d}_{part}.png",
+                          nrow=len(outputs))
+            elif modality == "audio":
+                import soundfile as sf
+
+                rate = self.tokenizer.part("audio").sample_rate
+                for i, wave in enumerate(outputs[:2]):
+                    sf.write(self.path / f"step_{step:06d}_{part}_{i}.wav", wave.numpy(), rate)
+            elif modality == "text":
+                with open(self.path / "samples.txt", "a") as f:
+                    f.writelines(f"step {step} {part}: {out!r} (truth {t!r})\n"
+                                 for out, t in zip(outputs, truths))

@@ -9,6 +9,10 @@
     armodal generate run=<dir> prompt="..." decoding=speculative draft_run=<smaller run dir>
     armodal generate run=<image run dir> image.classes=[3,7] decoding.cfg_scale=2   (PNG grid)
     armodal generate run=<audio run dir> audio.seconds=2 audio.prompt=val   (WAV + PNG files)
+    armodal generate run=<video run dir> video.prompt_frames=3   (GIF + frame strip PNG)
+    armodal generate run=<mixed run dir> prompt_image=digit.png multimodal.next=text
+    armodal generate run=<mixed run dir> prompt="a handwritten seven" multimodal.next=image
+    armodal serve run=<dir> port=8000 max_batch=32   (OpenAI-compatible HTTP server)
 
 A mistake in the command or the config is reported in one line (exit status 2); --debug (or
 HYDRA_FULL_ERROR=1) shows the full traceback instead.
@@ -109,12 +113,14 @@ def run_generate(args: list[str]) -> None:
     from hydra.utils import instantiate
 
     from armodal.checkpoint import load_run
+    from armodal.crossmodal_io import SEGMENT_ARGS
     from armodal.textgen import generate_text, read_prompts, stream_text, write_records
 
     # The prompt is taken verbatim: Hydra's override grammar would strip its spaces and
     # reinterpret quotes, brackets and escapes, and a prompt is text, not a config value.
     raw = [a.split("=", 1)[1] for a in args if a.startswith("prompt=")]
-    cfg = compose_config(CONF_DIR, "generate", [a for a in args if not a.startswith("prompt=")])
+    segment_args = [a for a in args if a.split("=", 1)[0] in SEGMENT_ARGS]
+    cfg = compose_config(CONF_DIR, "generate", [a for a in args if a not in segment_args])
     if cfg.format not in ("text", "jsonl"):
         raise UsageError(f"format={cfg.format!r}; use text or jsonl")
     prompts = read_prompts(raw[-1] if raw else cfg.prompt, cfg.prompt_file)
@@ -122,6 +128,17 @@ def run_generate(args: list[str]) -> None:
     if cfg.draft_run is not None and decoding.speculative is None:
         decoding = dataclasses.replace(decoding, speculative="draft")  # draft_run implies it
     run = load_run(cfg.run, cfg.device, quantize=cfg.quantize)
+    if cfg.parallel.tp > 1:  # one of tp ranks (torchrun --nproc_per_node <tp>), 1/tp of the heads
+        from armodal.parallel import tensor_parallel_generation
+
+        tensor_parallel_generation(run, cfg.parallel.tp, decoding, cfg.draft_run, cfg.quantize)
+    if run.tokenizer.modality == "multimodal":
+        return generate_next_segment(run, cfg, decoding, segment_args)
+    if segment_args != [a for a in args if a.startswith("prompt=")]:
+        raise UsageError(f"prompt_image= and prompt_audio= are for mixed-modality runs; "
+                         f"{run.path} is a {run.tokenizer.modality} run")
+    if "video" in run.meta:  # before images: a video run's tokenizer is an image tokenizer
+        return generate_video(run, cfg, decoding, bool(raw) or cfg.prompt_file is not None)
     if run.tokenizer.modality == "image":
         return generate_image_grid(run, cfg, decoding, bool(raw) or cfg.prompt_file is not None)
     if run.tokenizer.modality == "audio":
@@ -139,6 +156,44 @@ def run_generate(args: list[str]) -> None:
         print()
         return
     write_records(generate_text(run, prompts, decoding, draft, report=cfg.report), cfg.format)
+
+
+def generate_next_segment(run, cfg, decoding, segment_args: list[str]) -> None:
+    """Mixed-modality runs: the prompt segments in command-line order, then one segment in
+    multimodal.next, printed (text) or written (PNG / WAV)."""
+    from armodal.crossmodal import next_segment
+    from armodal.crossmodal_io import segments_from_args, write_segment
+
+    opts = cfg.multimodal
+    if not isinstance(opts.num_samples, int) or opts.num_samples < 1:
+        raise UsageError(f"multimodal.num_samples={opts.num_samples!r}: expected an int >= 1")
+    try:
+        segments = segments_from_args(segment_args, run.tokenizer)
+        results = next_segment(run.model, run.tokenizer, [segments] * opts.num_samples,
+                               opts.next, decoding)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    contents = [content for content, _ in results]
+    if opts.next == "text":
+        for text in contents:
+            print(text)
+        return
+    out = Path(opts.out) if opts.out else run.path / "generated" / opts.next
+    for path in write_segment(opts.next, contents, run.tokenizer.part(opts.next), out):
+        print(f"wrote {path}")
+
+
+def generate_video(run, cfg, decoding, prompted: bool) -> None:
+    from omegaconf import OmegaConf
+
+    from armodal.videogen import generate_video_files
+
+    if prompted or cfg.draft_run is not None:
+        raise UsageError(f"{run.path} is a video run: it takes no text prompt, prompt_file or "
+                         f"draft_run; choose video.num_clips, video.prompt_frames, video.prompt "
+                         f"(val or a GIF / PNG strip) (see conf/generate.yaml)")
+    for path in generate_video_files(run, OmegaConf.to_container(cfg.video), decoding):
+        print(f"wrote {path}")
 
 
 def generate_image_grid(run, cfg, decoding, prompted: bool) -> None:
@@ -174,6 +229,8 @@ def run_eval(args: list[str]) -> None:
     cfg = compose_config(CONF_DIR, "eval", args)
     if is_action_run(cfg.run):
         return eval_action_run(cfg)
+    if is_multimodal_run(cfg.run):
+        return eval_multimodal_run(cfg)
     result = evaluate(cfg.run, data=cfg.data, pattern=cfg.pattern, batch_size=cfg.batch_size,
                       max_batches=cfg.max_batches, device=cfg.device, quantize=cfg.quantize,
                       context=cfg.context, rope_scaling=cfg.rope.scaling,
@@ -188,6 +245,45 @@ def run_eval(args: list[str]) -> None:
 def is_action_run(run_dir: str) -> bool:
     config = Path(run_dir).expanduser() / "config.json"
     return config.is_file() and "action" in json.loads(config.read_text())
+
+
+def is_multimodal_run(run_dir: str) -> bool:
+    config = Path(run_dir).expanduser() / "config.json"
+    return config.is_file() and bool({"multimodal", "prefix"} & set(json.loads(config.read_text())))
+
+
+def eval_multimodal_run(cfg) -> None:
+    from omegaconf import OmegaConf
+
+    from armodal.checkpoint import load_run
+    from armodal.crossmodal_eval import (
+        evaluate_digit_captions,
+        evaluate_speech_transcripts,
+        mixture_source,
+    )
+
+    if cfg.data is not None:
+        raise UsageError(f"data={cfg.data!r}: a mixed-modality run is evaluated on its own "
+                         f"held-out pairs; leave data unset")
+    if "prefix" in json.loads((Path(cfg.run).expanduser() / "config.json").read_text()):
+        from armodal.prefix_train import evaluate_prefix_run
+
+        result = evaluate_prefix_run(cfg.run)
+        print(f"image -> text  {result['image_to_text_accuracy']:6.1%} of "
+              f"{result['captioned_images']} held-out images captioned with their digit "
+              f"(greedy, from {result['encoder']} prefix embeddings)")
+        print(json.dumps(result))
+        return
+    run = load_run(cfg.run, cfg.device, quantize=cfg.quantize)
+    try:
+        if mixture_source(run, "SpeechTranscripts") is not None:
+            result = evaluate_speech_transcripts(run, **OmegaConf.to_container(cfg.speech))
+        else:
+            result = evaluate_digit_captions(run, **OmegaConf.to_container(cfg.digits))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    print(result.table())
+    print(json.dumps(result.as_dict()))
 
 
 def eval_action_run(cfg) -> None:
@@ -205,7 +301,28 @@ def eval_action_run(cfg) -> None:
     print(json.dumps(result.as_dict()))
 
 
-COMMANDS = {"train": run_train, "generate": run_generate, "eval": run_eval}
+def run_serve(args: list[str]) -> None:
+    """`armodal serve`: load the run, then serve it under uvicorn until SIGINT / SIGTERM."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from armodal.checkpoint import load_run
+    from armodal.serve.server import serve
+    from armodal.serve.settings import ServerSettings
+
+    opts = OmegaConf.to_container(compose_config(CONF_DIR, "serve", args), resolve=True,
+                                  throw_on_missing=True)
+    run_dir, quantize, log_level = opts.pop("run"), opts.pop("quantize"), opts.pop("log_level")
+    levels = ("critical", "error", "warning", "info", "debug", "trace")
+    if log_level not in levels:
+        raise UsageError(f"log_level={log_level!r}; use one of {', '.join(levels)}")
+    settings = ServerSettings(**opts)
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    serve(load_run(run_dir, settings.device, quantize=quantize), settings, log_level)
+
+
+COMMANDS = {"train": run_train, "generate": run_generate, "eval": run_eval, "serve": run_serve}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -146,7 +146,8 @@ def resume(value: Any) -> str | None:
 
 
 _CHECKS: list[tuple[str, Check]] = [
-    ("task", choice("codec", "audio_codec", "sequence_tuning", "episode_tuning")),
+    ("task", choice("codec", "audio_codec", "sequence_tuning", "episode_tuning",
+                    "prefix_captioning")),
     ("seed", integer(0, 2**32 - 1)),  # Lightning's seed_everything bounds
     ("resume", resume),
     ("compile", boolean),

@@ -15,6 +15,7 @@ from armodal.data.audio_module import AudioDataModule
 from armodal.data.image_module import ImageDataModule
 from armodal.data.shards import build_or_load_shards
 from armodal.data.sources import TextSource
+from armodal.data.video_module import VideoDataModule
 from armodal.lit import IGNORE_INDEX, bits_per_unit, nll_sums, shift_targets
 from armodal.longcontext import extend_context
 
@@ -68,7 +69,8 @@ def evaluate(run_dir: str, data: str | None = None, pattern: str = "**/*", batch
         if data is not None:
             raise ValueError(f"data={data!r}: {run.tokenizer.modality} runs are scored on their "
                              f"own val split; leave data unset")
-        module = ImageDataModule if run.tokenizer.modality == "image" else AudioDataModule
+        module = VideoDataModule if "video" in run.meta else \
+            ImageDataModule if run.tokenizer.modality == "image" else AudioDataModule
         dm = module.for_run(run.meta["train_config"], run.tokenizer, run.space)
         dm.prepare_shards()
         return _evaluate_sequences(run, dm.val_sequences, dm.units(), batch_size, max_batches)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
 
+from armodal.modality_metrics import ModalityGroups
 from armodal.model import ModelConfig, Transformer
 
 IGNORE_INDEX = -100
@@ -155,6 +156,8 @@ class ARModule(L.LightningModule):
     `scheduled_sampling` (a ScheduledSampling or its fields; None or schedule None: off) trains
     on inputs partly replaced by the model's own predictions (see scheduled_inputs);
     `content_ids` = (lo, hi): only targets in [lo, hi) may be replaced (None: any learned one).
+    `groups` (mixed-modality runs): per-modality loss weights for training, and validation
+    metrics per modality (`val/loss_<modality>`, `val/bits_per_<unit>_<modality>`).
     """
 
     def __init__(self, model_config: ModelConfig, optimizer: Callable[..., torch.optim.Optimizer],
@@ -162,8 +165,10 @@ class ARModule(L.LightningModule):
                  units_per_token: float = 1.0, unit: str = "token", compile: bool = False,
                  unit_ids: tuple[int, int] | None = None, nonfinite: str = "skip",
                  scheduled_sampling: ScheduledSampling | Mapping | None = None,
-                 content_ids: tuple[int, int] | None = None):
+                 content_ids: tuple[int, int] | None = None,
+                 groups: ModalityGroups | None = None):
         super().__init__()
+        self.groups = groups
         if isinstance(scheduled_sampling, Mapping):
             scheduled_sampling = ScheduledSampling(**scheduled_sampling)
         if scheduled_sampling is not None and scheduled_sampling.schedule is None:
@@ -192,6 +197,14 @@ class ARModule(L.LightningModule):
     def forward(self, idx: Tensor) -> Tensor:
         return self.forward_fn(idx)
 
+    def configure_model(self) -> None:
+        # Lightning's ModelParallelStrategy hands over a device mesh: shard the model over it
+        # (FSDP2 and / or tensor parallelism, armodal/parallel.py). Other strategies: no mesh.
+        if self.device_mesh is not None:
+            from armodal.parallel import parallelize
+
+            parallelize(self.model, self.device_mesh)
+
     def token_nll(self, batch: Tensor | dict) -> tuple[Tensor, Tensor]:
         """Per-target NLL (B*T,) (0 where not learned) and the targets (B*T,)."""
         tokens, loss_mask = (batch["tokens"], batch.get("loss_mask")) \
@@ -209,6 +222,8 @@ class ARModule(L.LightningModule):
         """Mean cross-entropy over learned targets, and the number of learned targets."""
         nll, targets = self.token_nll(batch)
         count = (targets != IGNORE_INDEX).sum()
+        if self.groups is not None:
+            return self.groups.weighted_loss(nll, targets), count
         return nll.sum() / count.clamp(min=1), count
 
     def training_step(self, batch: Tensor | dict, batch_idx: int) -> Tensor | None:
@@ -219,7 +234,8 @@ class ARModule(L.LightningModule):
         loss, _ = self.loss(batch)
         if not torch.isfinite(loss):
             return self._nonfinite(f"loss {loss.item()}")  # None: Lightning skips the update
-        self.log("train/loss", loss, prog_bar=True)
+        # sync_dist: the mean over data-parallel ranks, the global batch's loss (one process: as is)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
     def scheduled_inputs(self, batch: Tensor | dict, eps: float) -> tuple[Tensor | dict, Tensor]:
@@ -265,11 +281,15 @@ class ARModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         # (all targets' NLL, their count, unit targets' NLL, their count)
         self._val_sums = torch.zeros(4, dtype=torch.float64)
+        if self.groups is not None:  # (G, 2): NLL and count per modality group
+            self._group_sums = torch.zeros(len(self.groups.names), 2, dtype=torch.float64)
 
     def validation_step(self, batch: Tensor | dict, batch_idx: int) -> None:
         # Sum NLL over tokens (not a mean of batch means) so the epoch figure is exact.
         nll, targets = self.token_nll(batch)
         self._val_sums += nll_sums(nll.detach(), targets, self.unit_ids).cpu()
+        if self.groups is not None:
+            self._group_sums += self.groups.sums(nll.detach(), targets).cpu()
 
     def on_validation_epoch_end(self) -> None:
         sums = self.all_gather(self._val_sums).reshape(-1, 4).sum(0)  # over processes
@@ -282,6 +302,9 @@ class ARModule(L.LightningModule):
             self.bits_history[self.global_step] = bits
         self.log_dict({"val/loss": nll, "val/ppl": math.exp(min(nll, 50.0)),
                        f"val/bits_per_{self.unit}": bits}, prog_bar=True)
+        if self.groups is not None:
+            group_sums = self.all_gather(self._group_sums).reshape(-1, *self._group_sums.shape)
+            self.log_dict(self.groups.metrics(group_sums.sum(0)))
 
     def configure_optimizers(self):
         # Weight decay on matrices only; norms' gains are left alone, as in nanoGPT / Llama.

@@ -12,7 +12,7 @@ Axis legend for the shape comments and einops patterns:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -202,6 +202,10 @@ class Transformer(nn.Module):
     appended at cache.pos; the cache advances by T.
     """
 
+    # The ranks the attention heads are split over: armodal.parallel sets it when it applies
+    # tensor parallelism, so that a KV cache holds only this rank's n_kv_head / tp_size heads.
+    tp_size = 1
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -251,13 +255,20 @@ class Transformer(nn.Module):
         default = self.config.sliding_window if rolling else self.config.max_seq_len
         if sinks is not None:
             default = max_sink_slots(self.config, sinks)
-        return KVCache(self.config, batch_size, max_len or default, device=weight.device,
+        config = self.config
+        if self.tp_size > 1:  # this rank's heads; d_model shrinks alike, so head_dim stays
+            config = replace(config, n_head=config.n_head // self.tp_size,
+                             n_kv_head=config.n_kv_head // self.tp_size,
+                             d_model=config.d_model // self.tp_size)
+        return KVCache(config, batch_size, max_len or default, device=weight.device,
                        dtype=weight.dtype, rolling=rolling, sinks=sinks)
 
     def forward(self, idx: Tensor, cache: KVCache | None = None,
-                positions: Tensor | None = None) -> Tensor:
+                positions: Tensor | None = None, prefix: Tensor | None = None) -> Tensor:
         """positions (B, T): token positions of a left-padded ragged batch, -1 on pads.
-        None means every row's tokens sit at cache.pos + [0, T) (no padding)."""
+        None means every row's tokens sit at cache.pos + [0, T) (no padding).
+        prefix (B, P, C): embeddings placed before the tokens, at positions [0, P) (an encoder
+        adapter's output: armodal/prefix.py); they take positions but get no logits."""
         c = self.config
         if cache is not None and cache.sinks is not None and idx.shape[-1] > 1:
             pieces = cache.pieces(idx.shape[-1], positions)
@@ -275,6 +286,10 @@ class Transformer(nn.Module):
                                  f"got {tuple(idx.shape)}")
             offsets = torch.arange(c.n_streams, device=idx.device)[:, None] * c.vocab_size
             x = self.embed(idx + offsets).sum(dim=1)  # (B, T, C)
+        if prefix is not None:
+            if positions is not None or c.n_streams != 1:
+                raise ValueError("prefix embeddings take one stream of unpadded rows")
+            x = torch.cat([prefix.to(x.dtype), x], dim=1)  # (B, P + T, C)
         start, t = (cache.pos if cache is not None else 0), x.shape[1]
         bounded = cache is not None and not cache.static  # a ring: no length limit
         if not bounded and start + t > (cache.max_len if cache is not None else c.max_seq_len):
@@ -292,6 +307,8 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.padded |= positions is not None and bool((positions < 0).any())
             cache.pos = start + t
+        if prefix is not None:
+            x = x[:, prefix.shape[1]:]  # (B, T, C): logits for the tokens only
         logits = self.head(self.norm(x))  # (B, T, K*V)
         if c.n_streams == 1:
             return logits

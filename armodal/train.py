@@ -13,15 +13,26 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from armodal.callbacks import PlayEpisodes, SampleAudio, SampleImages, SampleText
+from armodal.callbacks import PlayEpisodes, SampleAudio, SampleImages, SampleSegments, SampleText
 from armodal.checkpoint import atomic_write_text, load_run, save_run
 from armodal.config_checks import check_train_config
 from armodal.data import TokenDataModule
 from armodal.data.action_module import ActionDataModule
 from armodal.data.audio_module import AudioDataModule
 from armodal.data.image_module import ImageDataModule
+from armodal.data.multimodal_module import MultimodalDataModule
+from armodal.data.video_module import VideoDataModule
+from armodal.distributed import (
+    SameRunDir,
+    check_launch,
+    launcher_rank,
+    shard_train_data,
+    shards_model,
+)
 from armodal.lit import ARModule
 from armodal.loggers import finish_runs
+from armodal.modality_metrics import ModalityGroups
+from armodal.parallel import gather_model
 from armodal.resume import AtomicCheckpointIO, fit_resumable
 
 
@@ -54,7 +65,8 @@ def start_run(cfg: DictConfig) -> Path:
     """Fix and create the run dir, write the resolved config into it, seed everything."""
     run_dir = resolve_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "train_config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    if launcher_rank() == 0:  # one writer: under torchrun / srun, rank 0 of the launch
+        atomic_write_text(run_dir / "train_config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     return run_dir
 
@@ -65,7 +77,8 @@ def train(cfg: DictConfig) -> TrainResult:
     A config with `task: codec` trains a neural image tokenizer instead (armodal.codecs.train),
     `task: audio_codec` a neural audio codec (armodal.codecs.audio_train), `task:
     sequence_tuning` fine-tunes a text run with REINFORCE (armodal.reinforce), `task:
-    episode_tuning` an action run on its episode return (armodal.control.tuning)."""
+    episode_tuning` an action run on its episode return (armodal.control.tuning), `task:
+    prefix_captioning` a captioner reading images as prefix embeddings (armodal.prefix_train)."""
     check_train_config(cfg)  # a bad value fails now, naming its key, not after the data work
     if cfg.get("task") == "codec":
         from armodal.codecs.train import train_codec
@@ -79,6 +92,10 @@ def train(cfg: DictConfig) -> TrainResult:
         from armodal.control.tuning import train_episode_level
 
         return train_episode_level(cfg)
+    if cfg.get("task") == "prefix_captioning":
+        from armodal.prefix_train import train_prefix_captioner
+
+        return train_prefix_captioner(cfg)
     if cfg.get("task") == "audio_codec":
         from armodal.codecs.audio_train import train_audio_codec
 
@@ -100,18 +117,24 @@ def train(cfg: DictConfig) -> TrainResult:
                       units_per_token=units_per_token, unit=unit, unit_ids=unit_ids,
                       compile=cfg.compile, nonfinite=cfg.nonfinite,
                       scheduled_sampling=cfg.get("scheduled_sampling"),
-                      content_ids=unit_ids or (len(space.special_ids), space.vocab_size))
+                      content_ids=unit_ids or (len(space.special_ids), space.vocab_size),
+                      groups=modality_groups(datamodule))
     if cfg.get("init_from") is not None:
         load_weights_from(cfg.init_from, module.model, space, tokenizer)
 
-    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()] + [SameRunDir(run_dir)]
     decoding = instantiate(cfg.decoding)
-    if cfg.sample_every_validation:
-        callbacks.append(sample_callback(cfg, datamodule, decoding, run_dir))
     loggers = [instantiate(c) for c in cfg.logger.values()]
+    # Several processes (trainer=ddp, fsdp, tp, ...): armodal shards the training batches
+    # itself (armodal/distributed.py); Lightning's sampler injection would break exact resume.
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks,
-                                     default_root_dir=str(run_dir),
+                                     default_root_dir=str(run_dir), use_distributed_sampler=False,
                                      plugins=[AtomicCheckpointIO()])
+    check_launch(trainer)
+    shard_train_data(datamodule, trainer)
+    # Samples are drawn on rank 0 alone, which a model split over the ranks cannot do.
+    if cfg.sample_every_validation and not shards_model(trainer):
+        trainer.callbacks.append(sample_callback(cfg, datamodule, decoding, run_dir))
     fit_resumable(trainer, module, run_dir, cfg.resume, datamodule=datamodule)
     if not module.val_history or module.val_history[-1][0] != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)  # the final figure
@@ -119,20 +142,33 @@ def train(cfg: DictConfig) -> TrainResult:
     final_val = module.val_history[-1][1]
     best_val = min(loss for _, loss in module.val_history)
 
-    save_run(run_dir, module.model, space, tokenizer, extra={
-        "domain": cfg.domain.name,
-        "prompt": cfg.domain.get("prompt"),
-        "decoding": OmegaConf.to_container(cfg.decoding, resolve=True),
-        "metrics": {"best_val_loss": best_val, **metrics},
-        "steps": trainer.global_step,
-        "train_config": OmegaConf.to_container(cfg, resolve=True),
-        **datamodule.run_meta(),
-    })
+    # The whole model, by rank 0 alone (FSDP / TP: gathered from every rank's shards first).
+    whole = gather_model(module.model)
+    if trainer.is_global_zero:
+        save_run(run_dir, whole, space, tokenizer, extra={
+            "domain": cfg.domain.name,
+            "prompt": cfg.domain.get("prompt"),
+            "decoding": OmegaConf.to_container(cfg.decoding, resolve=True),
+            "metrics": {"best_val_loss": best_val, **metrics},
+            "steps": trainer.global_step,
+            "train_config": OmegaConf.to_container(cfg, resolve=True),
+            **datamodule.run_meta(),
+        })
+    trainer.strategy.barrier("export")  # no rank returns before the run dir is complete
     finish_runs(loggers)
     result = TrainResult(run_dir, best_val, final_val, metrics, trainer.global_step,
                          time.perf_counter() - start, module, trainer, datamodule)
-    print(summary(result, unit))
+    if trainer.is_global_zero:
+        print(summary(result, unit))
     return result
+
+
+def modality_groups(datamodule) -> ModalityGroups | None:
+    """Per-modality loss weights and metrics, for mixed-modality data only."""
+    if not isinstance(datamodule, MultimodalDataModule):
+        return None
+    return ModalityGroups.from_space(datamodule.space, datamodule.loss_weights,
+                                     datamodule.modality_units())
 
 
 def load_weights_from(run_dir: str, model, space, tokenizer) -> None:
@@ -156,13 +192,22 @@ def load_weights_from(run_dir: str, model, space, tokenizer) -> None:
 def build_datamodule(cfg: DictConfig, tokenizer) -> TokenDataModule | ImageDataModule \
         | AudioDataModule | ActionDataModule:
     """Text domains name a document `source`, image domains an image source `images`, audio
-    domains an audio source `audio`, action domains an episode source `episodes`."""
+    domains an audio source `audio`, action domains an episode source `episodes`, video
+    domains a clip source `video`, mixed-modality domains a `mixture` of segment sources."""
     domain = cfg.domain
+    if "mixture" in domain:
+        # "object": the parts stay the dataclass instances they are, not structured configs.
+        return MultimodalDataModule(mixture=instantiate(domain.mixture, _convert_="object"),
+                                    tokenizer=tokenizer,
+                                    seed=cfg.seed, **domain.data)
     if "episodes" in domain:
         return ActionDataModule(episodes=instantiate(domain.episodes), tokenizer=tokenizer,
                                 seed=cfg.seed, **domain.data)
     if "audio" in domain:
         return AudioDataModule(audio=instantiate(domain.audio), tokenizer=tokenizer,
+                               seed=cfg.seed, **domain.data)
+    if "video" in domain:
+        return VideoDataModule(video=instantiate(domain.video), tokenizer=tokenizer,
                                seed=cfg.seed, **domain.data)
     if "images" in domain:
         return ImageDataModule(images=instantiate(domain.images), tokenizer=tokenizer,
@@ -172,14 +217,24 @@ def build_datamodule(cfg: DictConfig, tokenizer) -> TokenDataModule | ImageDataM
 
 
 def sample_callback(cfg: DictConfig, datamodule, decoding, run_dir: Path) -> L.Callback:
-    """Samples after each validation: an image grid PNG, WAV + spectrogram PNG files, text
-    appended to samples.txt, or closed-loop episodes whose mean return is logged."""
+    """Samples after each validation: an image grid PNG, a video strip PNG, WAV + spectrogram
+    PNG files, text appended to samples.txt, or closed-loop episodes whose mean return is
+    logged."""
+    if isinstance(datamodule, MultimodalDataModule):
+        return SampleSegments(datamodule.tokenizer, datamodule.val_samples, decoding,
+                              path=str(run_dir / "samples"))
     if isinstance(datamodule, ActionDataModule):
         info = datamodule.run_meta()["action"]
         target = info["target_return"] if datamodule.tokenizer.has_returns else None
         return PlayEpisodes(datamodule.tokenizer, info["env_id"], datamodule.context, target)
     if isinstance(datamodule, AudioDataModule):
         return SampleAudio(datamodule.tokenizer, datamodule.layout, decoding,
+                           path=str(run_dir / "samples"))
+    if isinstance(datamodule, VideoDataModule):
+        from armodal.videogen import SampleVideo
+
+        return SampleVideo(datamodule.tokenizer, datamodule.layout,
+                           datamodule.val_clips.frames[:4], decoding,
                            path=str(run_dir / "samples"))
     if isinstance(datamodule, ImageDataModule):
         return SampleImages(datamodule.tokenizer, datamodule.layout, decoding,

@@ -99,7 +99,7 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
     (["train", "text_code_cpu", "model.n_layr=2"],
      "armodal train: error: unknown config key 'model.n_layr' (did you mean model.n_layer?)"),
     (["train", "text_code_cpu", "trainer=laptop"],
-     "armodal train: error: trainer=laptop: no such option; available: cpu, debug, gpu"),
+     "armodal train: error: trainer=laptop: no such option; available: cpu, ddp, ddp_gpu, debug"),
     (["train", "text_code_cpu", "model.dropout=1.5"],
      "armodal train: error: model.dropout=1.5: expected a finite number in [0, 1)"),
     (["generate", "run=x", "decoding=greedyy"],

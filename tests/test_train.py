@@ -20,15 +20,23 @@ REQUIRED = {"text_char": ["domain.source.path=README.md"],
             "image_mnist": ["domain.images.root=/nonexistent/mnist"],
             "image_folder": ["domain.images.root=/nonexistent/folder"],
             "image_mnist_vq": ["domain.images.root=/nonexistent/mnist"],
-            "actions_folder": ["domain.episodes.root=/nonexistent/episodes"]}
+            "video_moving_digits": ["domain.video.images.root=/nonexistent/mnist"],
+            "actions_folder": ["domain.episodes.root=/nonexistent/episodes"],
+            "multimodal_digits_captions": ["domain.images.root=/nonexistent/mnist"],
+            "digits_prefix_captions": ["domain.images.root=/nonexistent/mnist"]}
 
 
 @pytest.fixture
 def required(tiny_codec, tiny_audio_codec):
     """The overrides a domain needs to compose: its data path, and a codec for VQ domains."""
     def overrides(domain: str) -> list[str]:
-        codec = [f"domain.tokenizer.codec={tiny_codec}"] if domain.endswith("_vq") else \
+        vq = domain.endswith("_vq") or domain.startswith("video_")
+        codec = [f"domain.tokenizer.codec={tiny_codec}"] if vq else \
             [f"domain.tokenizer.codec={tiny_audio_codec}"] if domain.endswith("_codes") else []
+        codec += {"multimodal_digits_captions":
+                  [f"domain.tokenizer.tokenizers.image.codec={tiny_codec}"],
+                  "multimodal_speech_text":
+                  [f"domain.tokenizer.tokenizers.audio.codec={tiny_audio_codec}"]}.get(domain, [])
         return REQUIRED.get(domain, []) + codec
     return overrides
 
@@ -44,7 +52,13 @@ def instantiate_all(cfg, tmp_path: Path) -> None:
     tokenizer = instantiate(cfg.domain.tokenizer)
     model_config = instantiate(cfg.model, vocab_size=300)
     assert isinstance(model_config, ModelConfig)
-    if tokenizer.modality == "image":
+    if tokenizer.modality == "multimodal":
+        instantiate(cfg.domain.mixture, _convert_="object")  # lazily, as the sources are
+    elif "encoder" in cfg.domain:  # prefix captioning: a caption source, images as embeddings
+        instantiate(cfg.domain.source, _convert_="object")
+    elif "video" in cfg.domain:
+        instantiate(cfg.domain.video)  # lazily: the images are read at load()
+    elif tokenizer.modality == "image":
         instantiate(cfg.domain.images)  # lazily: the data need not exist to compose
     elif tokenizer.modality == "audio":
         instantiate(cfg.domain.audio)  # lazily: a speech corpus is built at load()
@@ -167,6 +181,17 @@ def test_every_configured_tokenizer_passes_conformance(domain, corpus_file, requ
 
     cfg = compose_config(CONF_DIR, "train", [f"domain={domain}", *required(domain)])
     tokenizer = instantiate(cfg.domain.tokenizer)
+    if tokenizer.modality == "multimodal":
+        sample = [("text", "a handwritten seven")]
+        for modality, part in tokenizer.parts.items():
+            if modality == "image":
+                c, (h, w) = part.channels, part.image_size
+                sample.append(("image", torch.randint(0, 256, (c, h, w), dtype=torch.uint8)))
+            elif modality == "audio":
+                sample.append(("audio", SyntheticTones(n=1, sample_rate=part.sample_rate,
+                                                       clip_seconds=0.05).load().clips[0]))
+        check_tokenizer(tokenizer, [sample, sample[1:]])
+        return
     if tokenizer.modality == "image":
         c, (h, w) = tokenizer.channels, tokenizer.image_size
         images = torch.randint(0, 256, (3, c, h, w), generator=torch.Generator().manual_seed(0),

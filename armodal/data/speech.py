@@ -83,7 +83,8 @@ class SpeechCorpus:
     def __init__(self, n_utterances: int = 2000, sample_rate: int = 16000,
                  clip_seconds: float = 2.0, text_file: str | None = None,
                  cache_dir: str = "~/.cache/armodal/speech", seed: int = 0,
-                 min_words: int = 3, max_words: int = 8, workers: int = 4) -> None:
+                 min_words: int = 3, max_words: int = 8, workers: int = 4,
+                 vocabulary: list[str] | None = None) -> None:
         if n_utterances < 1:
             raise ValueError(f"SpeechCorpus: n_utterances must be >= 1, got {n_utterances}")
         if not 1 <= min_words <= max_words:
@@ -93,6 +94,13 @@ class SpeechCorpus:
             clip_seconds
         self.text_file, self.cache_dir, self.seed = text_file, cache_dir, seed
         self.min_words, self.max_words, self.workers = min_words, max_words, workers
+        # vocabulary: utterances are seeded random strings of these words (e.g. the digit
+        # names: a small, TIDIGITS-like task) instead of sentences from text.
+        self.vocabulary = list(vocabulary) if vocabulary is not None else None
+        if self.vocabulary is not None and not all(
+                isinstance(w, str) and w.isalpha() for w in self.vocabulary):
+            raise ValueError(f"SpeechCorpus: vocabulary must be plain words, got "
+                             f"{self.vocabulary!r}")
 
     def settings(self) -> dict:
         """What the built corpus depends on (its cache key); not the rate or clip length,
@@ -105,7 +113,8 @@ class SpeechCorpus:
             text = hashlib.sha256(path.read_bytes()).hexdigest()
         return {"format": FORMAT_VERSION, "n": self.n_utterances, "text": text,
                 "seed": self.seed, "words": [self.min_words, self.max_words],
-                "voices": list(VOICES)}
+                "voices": list(VOICES),
+                **({"vocabulary": self.vocabulary} if self.vocabulary is not None else {})}
 
     def fingerprint(self) -> str:
         blob = json.dumps({**self.settings(), "rate": self.sample_rate,
@@ -139,6 +148,12 @@ class SpeechCorpus:
         return final
 
     def _sentences(self) -> list[str]:
+        if self.vocabulary is not None:
+            rng = random.Random(self.seed)
+            words = [[rng.choice(self.vocabulary)
+                      for _ in range(rng.randint(self.min_words, self.max_words))]
+                     for _ in range(self.n_utterances)]
+            return [" ".join(w).capitalize() + "." for w in words]
         if self.text_file is None:
             pool = sentences_from_docstrings(self.min_words, self.max_words)
         else:
