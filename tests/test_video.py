@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from armodal.cli import RECIPES_DIR, compose_config
+from armodal.cli import RECIPES_DIR, compose_config, main
 from armodal.data.images import DigitsImages
 from armodal.data.video import MovingDigits
 from armodal.data.video_module import VideoDataModule
@@ -171,7 +171,7 @@ def video_overrides(tmp, codec, steps=6):
             "domain.video.frames=3"]
 
 
-def test_recipe_trains_end_to_end_and_writes_gif_and_strip(tmp_path, tiny_codec):
+def test_recipe_trains_end_to_end_and_writes_gif_and_strip(tmp_path, tiny_codec, capsys):
     """The composed recipe on sklearn's digits with an untrained codec: train(cfg), samples at
     validation, then generate_video_files from the saved run."""
     from armodal.checkpoint import load_run
@@ -205,3 +205,11 @@ def test_recipe_trains_end_to_end_and_writes_gif_and_strip(tmp_path, tiny_codec)
         generate_video_files(run, {"prompt_frames": 3}, SAMPLE, progress=False)
     with pytest.raises(ValueError, match=r"video options \['clips'\] are unknown"):
         generate_video_files(run, {"clips": 4}, SAMPLE, progress=False)
+    # The command line reaches both: generate writes the GIF / strip, eval scores the val split.
+    capsys.readouterr()
+    main(["generate", f"run={result.run_dir}", "video.num_clips=1", "video.prompt_frames=1",
+          f"video.out={tmp_path / 'cli'}", "decoding=greedy"])
+    assert "continuations.gif" in capsys.readouterr().out
+    assert (tmp_path / "cli" / "continuations.png").is_file()
+    main(["eval", f"run={result.run_dir}"])
+    assert "bits/dim" in capsys.readouterr().out
