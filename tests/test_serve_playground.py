@@ -255,18 +255,14 @@ def test_generation_runs_one_request_at_a_time(image_run, monkeypatch):
 # ---- the real app factory -------------------------------------------------------------------
 
 def real_create_app():
-    """armodal.serve.app.create_app, or None while the server (written alongside) is not in."""
-    try:
-        from armodal.serve.app import create_app
-    except ImportError:
-        return None
+    """armodal.serve.app.create_app: the server the page is served by."""
+    from armodal.serve.app import create_app
+
     return create_app
 
 
 def test_real_app_serves_the_page_and_guards_media_with_its_key(image_run):
     create_app = real_create_app()
-    if create_app is None:
-        pytest.skip("armodal.serve.app.create_app does not exist yet")
     from armodal.serve.settings import ServerSettings
 
     app = create_app(image_run, ServerSettings(api_key="sekret", port=0))
@@ -401,8 +397,6 @@ def stream_in_page(browser, url: str, prompt: str, seed: int) -> str:
 def test_page_streams_what_completions_returns(browser, text_run, server_app):
     if server_app == "real":
         create_app = real_create_app()
-        if create_app is None:
-            pytest.skip("armodal.serve.app.create_app does not exist yet")
         from armodal.serve.settings import ServerSettings
 
         app = create_app(text_run, ServerSettings(port=0))
