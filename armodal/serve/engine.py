@@ -243,12 +243,15 @@ class Engine:
                 request.config,
                 None if request.config.is_greedy else RowSampler([seed], [k], self.device),
                 list(request.prompt), len(request.prompt))) for k in range(n)]
+            # Counted as running before their first token goes out: a client that has read
+            # it and asks /health must see its rows.
+            self.stats.running_rows = len(self._rows) + n
             self._record(rows, logits[j:j + 1].expand(n, -1))
             running = [row for row in rows if not row.done and not job.ended]
             if running:
                 self._cache.add(prefill, j, len(request.prompt), len(running))
                 self._rows += running
-                self.stats.running_rows = len(self._rows)
+            self.stats.running_rows = len(self._rows)
 
     def _decode(self) -> None:
         rows = self._rows
