@@ -31,14 +31,11 @@ def segment_prompt(tokenizer: MultimodalTokenizer, segments: Sequence[Segment], 
                    empty: bool = False) -> list[int]:
     """Global ids: <bos>, the segments (emptied to their bare markers when `empty`), then the
     begin marker of `modality`, the segment to generate."""
-    space = tokenizer.space
-    ids = [space.bos_id]
-    for m, content in segments:
-        if empty:
-            ids += list(tokenizer.markers(m))
-        else:
-            ids += tokenizer.encode([(m, content)]).tolist()
-    return ids + [tokenizer.markers(modality)[0]]
+    if empty:
+        body = [i for m, _ in segments for i in tokenizer.markers(m)]
+    else:
+        body = tokenizer.encode(segments).tolist()
+    return [tokenizer.space.bos_id, *body, tokenizer.markers(modality)[0]]
 
 
 def segment_masks(tokenizer: MultimodalTokenizer, modality: str

@@ -307,17 +307,21 @@ class ARModule(L.LightningModule):
             self.log_dict(self.groups.metrics(group_sums.sum(0)))
 
     def configure_optimizers(self):
-        # Weight decay on matrices only; norms' gains are left alone, as in nanoGPT / Llama.
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2]},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        optimizer = self.optimizer_factory(groups)
+        optimizer = self.optimizer_factory(decay_groups(self.model.parameters()))
         if self.scheduler_factory is None:
             return optimizer
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else \
             int(self.trainer.estimated_stepping_batches)
         scheduler = self.scheduler_factory(optimizer, total_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def decay_groups(parameters) -> list[dict]:
+    """Optimizer groups: weight decay on matrices only; norms' gains are left alone, as in
+    nanoGPT / Llama. Frozen parameters (requires_grad False) are left out."""
+    params = [p for p in parameters if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2]},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
 def nll_sums(nll: Tensor, targets: Tensor, unit_ids: tuple[int, int] | None) -> Tensor:

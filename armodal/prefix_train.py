@@ -30,7 +30,7 @@ from armodal.data.multimodal_module import pad_rows
 from armodal.data.paired import caption_digit
 from armodal.generation import DecodingConfig, generate
 from armodal.generation.generate import fit_to_context
-from armodal.lit import IGNORE_INDEX, shift_targets
+from armodal.lit import IGNORE_INDEX, decay_groups, shift_targets
 from armodal.model import ModelConfig, Transformer
 from armodal.prefix import ImagePrefix, PrefixedModel
 from armodal.resume import AtomicCheckpointIO, fit_resumable
@@ -95,10 +95,7 @@ class PrefixCaptioner(L.LightningModule):
         self.log_dict({"val/loss": loss, "val/bits_per_byte": loss / math.log(2)}, prog_bar=True)
 
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]  # not a frozen codec
-        groups = [{"params": [p for p in params if p.dim() >= 2]},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        optimizer = self.optimizer_factory(groups)
+        optimizer = self.optimizer_factory(decay_groups(self.parameters()))  # not a frozen codec
         scheduler = self.scheduler_factory(optimizer, total_steps=self.trainer.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -75,3 +75,15 @@ def tiny_audio_codec(tmp_path_factory) -> Path:
     model = AudioCodec(ResidualVQ(3, 16, 8, kmeans_init=False), sample_rate=8000,
                        strides=(4, 5), channels=4, dilations=(1,))
     return save_codec(tmp_path_factory.mktemp("audio_codec") / "codec", model.eval())
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny-model tests: on a shared 2-core machine, spinning
+    thread pools made the server tests ~10x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -30,13 +30,8 @@ SPACE = TokenSpace.for_tokenizers(TOK)
 EOS = SPACE.eos_id
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared CPU: one torch thread avoids spinning thread pools."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models on a shared CPU: one torch thread (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def decode(ids: list[int]) -> str:

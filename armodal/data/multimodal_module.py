@@ -116,10 +116,12 @@ class MultimodalDataModule(L.LightningDataModule):
         if not self.tokenizer.is_fitted:
             self.tokenizer.fit(s for train, _ in splits.values() for s in train)
         self.space = self.tokenizer.space
-        encoded = {name: (self._encode(train), self._encode(val),
-                          self._encode(train, drop_first=True)
-                          if self.parts[name].cond_dropout > 0 else None)
-                   for name, (train, val) in splits.items()}
+        encoded = {}
+        for name, (train, val) in splits.items():
+            rows = self._encode(train)
+            uncond = [self._drop_first(row) for row in rows] \
+                if self.parts[name].cond_dropout > 0 else None
+            encoded[name] = (rows, self._encode(val), uncond)
         self.length = max(len(r) for tr, va, _ in encoded.values() for r in tr + va)
         pad = self.space.pad_id
         self.train_parts = {n: pad_rows(tr, self.length, pad) for n, (tr, _, _) in encoded.items()}
@@ -129,16 +131,19 @@ class MultimodalDataModule(L.LightningDataModule):
         self.val_samples = {n: val for n, (_, val) in splits.items()}
         return self.space
 
-    def _encode(self, samples: list[list], drop_first: bool = False) -> list[Tensor]:
-        """(T,) <bos> segments <eos> per sample; drop_first empties each first segment (its
-        markers kept: the unconditional twin of a pair, for classifier-free guidance)."""
+    def _encode(self, samples: list[list]) -> list[Tensor]:
+        """(T,) <bos> segments <eos> per sample."""
         s = self.space
-        bodies = self.tokenizer.encode_many([x[1:] if drop_first else x for x in samples])
-        out = []
-        for sample, body in zip(samples, bodies):
-            head = [s.bos_id, *self.tokenizer.markers(sample[0][0])] if drop_first else [s.bos_id]
-            out.append(torch.cat([torch.tensor(head), body, torch.tensor([s.eos_id])]))
-        return out
+        bos, eos = torch.tensor([s.bos_id]), torch.tensor([s.eos_id])
+        return [torch.cat([bos, body, eos]) for body in self.tokenizer.encode_many(samples)]
+
+    def _drop_first(self, row: Tensor) -> Tensor:
+        """The unconditional twin of an encoded pair: its first segment emptied, the markers
+        kept (<bos> <bo{m}> <eo{m}> rest...), cut from the row rather than encoded again."""
+        modality = self.tokenizer.space.split(row[:2])[0][0]  # the segment <bos> opens
+        end = self.tokenizer.markers(modality)[1]
+        close = int((row == end).nonzero()[0])  # content ids never equal a marker's
+        return torch.cat([row[:2], row[close:]])
 
     @property
     def seq_len(self) -> int:

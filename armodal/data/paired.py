@@ -8,7 +8,10 @@ caption and caption -> image).
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -137,21 +140,15 @@ class SpeechTranscripts:
 
     def utterances(self) -> tuple[list[torch.Tensor], list[str]]:
         """Every utterance's (S_i,) wave at the corpus' sample rate, trimmed, and its text."""
-        import json
-
-        from armodal.data.audio import read_many
-
-        directory = self.corpus.directory()
-        meta = json.loads((directory / "meta.json").read_text())["utterances"]
         rate = self.corpus.sample_rate
-        waves = read_many([directory / u["file"] for u in meta], rate)
+        waves, texts = _read_corpus(str(self.corpus.directory()), rate)
         tail = int(self.tail_seconds * rate)
         trimmed = []
         for wave in waves:
             loud = (wave.abs() > self.silence * wave.abs().max().clamp(min=1e-8)).nonzero()
             end = int(loud[-1]) + 1 + tail if len(loud) else len(wave)
             trimmed.append(wave[:end].contiguous())
-        return trimmed, [u["text"] for u in meta]
+        return trimmed, list(texts)
 
     def split_samples(self) -> tuple[list[list[tuple[str, Any]]], list[list[tuple[str, Any]]]]:
         waves, texts = self.utterances()
@@ -160,3 +157,14 @@ class SpeechTranscripts:
                   "audio": [("audio", w)]}[self.order] for w, t in zip(waves, texts)]
         n_val = max(1, round(len(pairs) * self.val_fraction))
         return pairs[:-n_val], pairs[-n_val:]
+
+
+@functools.lru_cache(maxsize=2)
+def _read_corpus(directory: str, rate: int) -> tuple[tuple[torch.Tensor, ...], tuple[str, ...]]:
+    """A built speech corpus' waves at `rate` and texts, read once: both reading orders of a
+    pair (two sources) and the evaluation read the same files."""
+    from armodal.data.audio import read_many
+
+    meta = json.loads((Path(directory) / "meta.json").read_text())["utterances"]
+    waves = read_many([Path(directory) / u["file"] for u in meta], rate)
+    return tuple(waves), tuple(u["text"] for u in meta)
