@@ -68,6 +68,12 @@ def one_line(error: BaseException,
     unknown = re.match(r"Could not override '([^']+)'", text)
     if unknown and cause is not None and "not in struct" in str(cause):
         key = unknown.group(1)
+        inner = re.search(r"full_key: (\S+)", str(cause))
+        if inner and inner.group(1).startswith(f"{key}."):
+            # key exists and holds a dict; a {name: value} override merges into it, and struct
+            # mode refuses the names it does not hold yet
+            return (f"{key} holds no {inner.group(1)[len(key) + 1:]!r} yet; to add entries "
+                    f"write ++{key}={{...}} or +{inner.group(1)}=...")
         hint = suggest_key(base_config(), key) if base_config is not None else None
         return (f"unknown config key {key!r}" + (f" (did you mean {hint}?)" if hint else "")
                 + f"; to add a new key write +{key}=...")

@@ -89,6 +89,21 @@ def test_an_unknown_key_suggests_the_nearest_one():
                     "to add a new key write +modle.n_layer=...")
 
 
+def test_entries_added_to_a_dict_key_get_the_syntax_that_adds_them():
+    """domain.data.loss_weights is {} in the recipe: `key={text: 4.0}` merges into it and struct
+    mode refuses the new name; the message must not call the existing key unknown."""
+    base = compose_config(RECIPES_DIR, "multimodal_digits_captions", [])
+    with pytest.raises(Exception) as refusal:
+        compose_config(RECIPES_DIR, "multimodal_digits_captions",
+                       ["domain.data.loss_weights={text:4.0}"])
+    assert one_line(refusal.value, lambda: base) == (
+        "domain.data.loss_weights holds no 'text' yet; to add entries write "
+        "++domain.data.loss_weights={...} or +domain.data.loss_weights.text=...")
+    composed = compose_config(RECIPES_DIR, "multimodal_digits_captions",
+                              ["++domain.data.loss_weights={text:4.0,image:0.5}"])
+    assert dict(composed.domain.data.loss_weights) == {"text": 4.0, "image": 0.5}
+
+
 def run_cli(args: list[str], capsys) -> tuple[int, str]:
     with pytest.raises(SystemExit) as exit_:
         main(args)
