@@ -60,7 +60,8 @@ def compose_config(config_dir: Path, name: str, overrides: list[str]):
 
 
 def split_args(args: list[str]) -> tuple[str | None, list[str]]:
-    positional = [a for a in args if "=" not in a and not a.startswith("-")]
+    # Hydra's `~key` deletes a key and needs no "=": an override, not a recipe name
+    positional = [a for a in args if "=" not in a and not a.startswith(("-", "~"))]
     if len(positional) > 1:
         raise UsageError(f"expected at most one recipe before key=value overrides, "
                          f"got {positional}")

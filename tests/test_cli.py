@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from armodal.cli import ROOT, main
+from armodal.cli import RECIPES_DIR, ROOT, compose_config, main, split_args
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
@@ -65,6 +65,17 @@ def test_bad_input_is_one_clear_line(args, message, capsys):
     code, _, err = run_cli(args, capsys)
     assert code == 2
     assert message in err and "Traceback" not in err
+
+
+def test_a_deleting_override_is_not_taken_for_a_recipe():
+    """Hydra's `~key` (delete a key, e.g. one part of a mixture) has no "=" in it."""
+    recipe, overrides = split_args(["multimodal_digits_captions", "~domain.mixture.text_to_image",
+                                    "++domain.data.loss_weights={image:0.0}", "seed=1"])
+    assert recipe == "multimodal_digits_captions"
+    assert overrides == ["~domain.mixture.text_to_image", "++domain.data.loss_weights={image:0.0}",
+                         "seed=1"]
+    composed = compose_config(RECIPES_DIR, recipe, overrides)
+    assert list(composed.domain.mixture) == ["image_to_text"]
 
 
 def test_train_errors_are_one_clear_line(tmp_path):
