@@ -43,6 +43,7 @@ class DigitCaptionResult:
     generated_images: int
     classifier_test_accuracy: float
     cfg_scale: float
+    temperature: float
     examples_dir: str
 
     def table(self) -> str:
@@ -50,7 +51,8 @@ class DigitCaptionResult:
             f"image -> text  {self.image_to_text_accuracy:6.1%} of {self.captioned_images} "
             f"held-out images captioned with their digit (greedy)",
             f"text -> image  {self.text_to_image_accuracy:6.1%} of {self.generated_images} "
-            f"generated images classified as the asked digit (cfg_scale {self.cfg_scale})",
+            f"generated images classified as the asked digit (cfg_scale {self.cfg_scale}, "
+            f"temperature {self.temperature})",
             f"classifier     {self.classifier_test_accuracy:6.1%} on the held-out real images",
             f"examples       {self.examples_dir}",
         ])
@@ -112,7 +114,8 @@ def evaluate_digit_captions(run: LoadedRun, images: int | None = None, per_class
 
     out = run.path / "eval"
     _write_examples(out, captions, truth, drawn, per_class)
-    return DigitCaptionResult(sum(right) / n, n, t2i, len(asked), clf_acc, cfg_scale, str(out))
+    return DigitCaptionResult(sum(right) / n, n, t2i, len(asked), clf_acc, cfg_scale,
+                              temperature, str(out))
 
 
 def _write_examples(out: Path, captions: list[str], truth: list[int], drawn: torch.Tensor,

@@ -263,10 +263,12 @@ def test_cli_generates_across_modalities_and_evaluates_both_directions(captions_
           "multimodal.num_samples=3", f"multimodal.out={out}", "decoding.cfg_scale=2"])
     assert "wrote" in capsys.readouterr().out
     assert Image.open(out.with_suffix(".png")).size == (3 * 66 + 2, 66 + 2)
-    main(["eval", f"run={run}", "digits.images=20", "digits.per_class=2"])
+    main(["eval", f"run={run}", "digits.images=20", "digits.per_class=2",
+          "digits.temperature=0.8"])
     lines = capsys.readouterr().out.strip().splitlines()
     result = json.loads(lines[-1])
     assert result["captioned_images"] == 20 and result["generated_images"] == 20
+    assert result["temperature"] == 0.8 and "temperature 0.8)" in "\n".join(lines)
     assert 0 <= result["image_to_text_accuracy"] <= 1
     assert (run / "eval" / "text_to_image.png").is_file()
 
