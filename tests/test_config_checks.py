@@ -90,17 +90,17 @@ def test_an_unknown_key_suggests_the_nearest_one():
 
 
 def test_entries_added_to_a_dict_key_get_the_syntax_that_adds_them():
-    """domain.data.loss_weights is {} in the recipe: `key={text: 4.0}` merges into it and struct
-    mode refuses the new name; the message must not call the existing key unknown."""
+    """domain.data.loss_weights is {text: 4.0} in the recipe: `key={image: 0.5}` merges into it
+    and struct mode refuses the new name; the message must not call the existing key unknown."""
     base = compose_config(RECIPES_DIR, "multimodal_digits_captions", [])
     with pytest.raises(Exception) as refusal:
         compose_config(RECIPES_DIR, "multimodal_digits_captions",
-                       ["domain.data.loss_weights={text:4.0}"])
+                       ["domain.data.loss_weights={image:0.5}"])
     assert one_line(refusal.value, lambda: base) == (
-        "domain.data.loss_weights holds no 'text' yet; to add entries write "
-        "++domain.data.loss_weights={...} or +domain.data.loss_weights.text=...")
+        "domain.data.loss_weights holds no 'image' yet; to add entries write "
+        "++domain.data.loss_weights={...} or +domain.data.loss_weights.image=...")
     composed = compose_config(RECIPES_DIR, "multimodal_digits_captions",
-                              ["++domain.data.loss_weights={text:4.0,image:0.5}"])
+                              ["++domain.data.loss_weights={image:0.5}"])
     assert dict(composed.domain.data.loss_weights) == {"text": 4.0, "image": 0.5}
 
 
