@@ -21,7 +21,7 @@ from armodal.generation import DecodingConfig
 from armodal.lit import IGNORE_INDEX
 from armodal.modality_metrics import ModalityGroups
 from armodal.model import ModelConfig, Transformer
-from armodal.tokenizers.audio import MuLawTokenizer
+from armodal.tokenizers.audio import CodecTokenizer, MuLawTokenizer
 from armodal.tokenizers.base import check_tokenizer, tokenizer_from_config
 from armodal.tokenizers.image import PixelTokenizer
 from armodal.tokenizers.multimodal import MultimodalTokenizer
@@ -70,6 +70,23 @@ def test_pack_and_split_are_inverse_on_random_mixed_samples(digits):
                 assert torch.equal(got, want) if m == "image" else got == want
         # Batched encoding is the same as one sample at a time.
         assert torch.equal(tok.encode_many([sample])[0], ids)
+
+
+def test_clips_of_many_lengths_encode_in_batches_as_one_at_a_time(tiny_audio_codec):
+    """An audio codec batches clips of different lengths (zero-padded, its convs are causal):
+    the codes of each equal its own encode(), so encode_many equals encode per sample."""
+    codec = CodecTokenizer(str(tiny_audio_codec), n_q=1)  # hop 20
+    gen = torch.Generator().manual_seed(0)
+    lengths = [1, 19, 20, 21, 410, 800, 57, 20, 333, 799]
+    clips = [torch.rand(n, generator=gen) * 2 - 1 for n in lengths]
+    batched = codec.encode_clips(clips, batch_size=3)
+    for clip, codes in zip(clips, batched):
+        assert torch.equal(codes, codec.encode(clip))
+    assert [c.shape[-1] for c in batched] == [-(-n // 20) for n in lengths]
+    tok = MultimodalTokenizer({"audio": codec, "text": ByteTokenizer()})
+    samples = [[("audio", clip), ("text", f"clip {i}")] for i, clip in enumerate(clips)]
+    assert all(torch.equal(a, b) for a, b in
+               zip(tok.encode_many(samples), [tok.encode(s) for s in samples]))
 
 
 def test_the_multimodal_tokenizer_passes_the_conformance_check_and_round_trips_its_config(digits):

@@ -11,6 +11,7 @@ CodecTokenizer: K residual codebook levels per codec frame: (S,) -> (K, T), T = 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -128,6 +129,27 @@ class CodecTokenizer:
         clips = check_wave(clips, "CodecTokenizer.encode_batch", batched=True)
         return torch.cat([self.model.encode(b[:, None], n_q=self.n_levels)
                           for b in clips.split(batch_size)])
+
+    @torch.inference_mode()
+    def encode_clips(self, clips: Sequence[Tensor], batch_size: int = 64) -> list[Tensor]:
+        """Clips of any lengths [(S_i,)] -> [(K, T_i)] codes, equal to encode() of each.
+
+        Clips are sorted by length and batched, each batch zero-padded on the right to its
+        longest clip: every conv is causal, so a clip's frames never see the padding after it,
+        and its codes are cut back to its own T_i = ceil(S_i / hop) frames."""
+        waves = [check_wave(c, f"CodecTokenizer.encode_clips (clip {i})")
+                 for i, c in enumerate(clips)]
+        order = sorted(range(len(waves)), key=lambda i: waves[i].shape[0])
+        out: list[Tensor | None] = [None] * len(waves)
+        for start in range(0, len(order), batch_size):
+            group = order[start: start + batch_size]
+            longest = waves[group[-1]].shape[0]
+            batch = torch.stack([torch.nn.functional.pad(waves[i], (0, longest - len(waves[i])))
+                                 for i in group])  # (B, S_max)
+            codes = self.model.encode(batch[:, None], n_q=self.n_levels)  # (B, K, T_max)
+            for row, i in enumerate(group):
+                out[i] = codes[row, :, :self.model.frames(len(waves[i]))]
+        return out
 
     @torch.inference_mode()
     def decode(self, ids: Tensor) -> Tensor:

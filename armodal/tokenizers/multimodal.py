@@ -130,7 +130,8 @@ class MultimodalTokenizer:
     def encode_many(self, samples: Sequence[Sequence[Segment]]) -> list[Tensor]:
         """`encode` of each sample, with each modality's contents encoded in one batched call
         where its tokenizer has `encode_batch` (a VQ codec: one encoder pass per 256 images
-        instead of one per image). Equal to [encode(s) for s in samples]."""
+        instead of one per image) or `encode_clips` (an audio codec: clips of any lengths, in
+        batches). Equal to [encode(s) for s in samples]."""
         where: dict[str, list[tuple[int, int]]] = {}  # modality -> (sample, segment) positions
         for i, sample in enumerate(samples):
             for j, seg in enumerate(sample):
@@ -160,6 +161,9 @@ class MultimodalTokenizer:
             return list(batch(torch.stack(contents)))  # images: one (N, ...) tensor
         if all(isinstance(c, str) for c in contents):
             return list(batch(contents))
+        clips = getattr(part, "encode_clips", None)  # audio codecs: clips of any lengths
+        if clips is not None and all(isinstance(c, Tensor) for c in contents):
+            return clips(contents)
         return [part.encode(c) for c in contents]
 
     def decode(self, ids: Tensor | Sequence[int]) -> list[Segment]:
