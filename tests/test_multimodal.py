@@ -89,6 +89,30 @@ def test_clips_of_many_lengths_encode_in_batches_as_one_at_a_time(tiny_audio_cod
                zip(tok.encode_many(samples), [tok.encode(s) for s in samples]))
 
 
+def test_encode_many_encodes_each_distinct_content_once(tiny_audio_codec, digits):
+    """The two reading orders of a pair hold the same image or clip (the same object, or an
+    equal copy): each distinct content reaches its tokenizer once, and the ids are unchanged."""
+    codec = CodecTokenizer(str(tiny_audio_codec), n_q=1)
+    seen = []
+    encode_clips = codec.encode_clips
+    codec.encode_clips = lambda clips: seen.extend(clips) or encode_clips(clips)
+    tok = MultimodalTokenizer({"audio": codec, "image": PixelTokenizer(8, levels=17),
+                               "text": ByteTokenizer()})
+    gen = torch.Generator().manual_seed(1)
+    clips = [torch.rand(n, generator=gen) - 0.5 for n in (40, 41, 40)]
+    samples = [[("audio", c), ("text", "x"), ("image", digits.images[i])]
+               for i, c in enumerate(clips)]
+    samples += [[("image", digits.images[i].clone()), ("audio", c.clone())]  # equal copies
+                for i, c in enumerate(clips)]
+    samples += [[("audio", clips[0].double())], [("audio", torch.zeros(40))],
+                [("audio", -torch.zeros(40))]]
+    assert all(torch.equal(a, b) for a, b in
+               zip(tok.encode_many(samples), [tok.encode(s) for s in samples]))
+    # 3 clips, the float64 copy of the first (another dtype), 0.0 and -0.0 (equal values,
+    # other bytes: encoded apart, which is only slower)
+    assert len(seen) == 6
+
+
 def test_the_multimodal_tokenizer_passes_the_conformance_check_and_round_trips_its_config(digits):
     tok = make_tokenizer()
     sample = [("text", "a seven"), ("image", digits.images[7]), ("audio", torch.zeros(5))]

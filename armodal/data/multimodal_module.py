@@ -116,12 +116,15 @@ class MultimodalDataModule(L.LightningDataModule):
         if not self.tokenizer.is_fitted:
             self.tokenizer.fit(s for train, _ in splits.values() for s in train)
         self.space = self.tokenizer.space
+        # One encode over every part and split, so content two parts share (the same image or
+        # clip in both reading orders) is encoded once.
+        every = iter(self._encode([s for train, val in splits.values() for s in train + val]))
         encoded = {}
         for name, (train, val) in splits.items():
-            rows = self._encode(train)
+            rows = [next(every) for _ in train]
             uncond = [self._drop_first(row) for row in rows] \
                 if self.parts[name].cond_dropout > 0 else None
-            encoded[name] = (rows, self._encode(val), uncond)
+            encoded[name] = (rows, [next(every) for _ in val], uncond)
         self.length = max(len(r) for tr, va, _ in encoded.values() for r in tr + va)
         pad = self.space.pad_id
         self.train_parts = {n: pad_rows(tr, self.length, pad) for n, (tr, _, _) in encoded.items()}

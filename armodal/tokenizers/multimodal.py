@@ -13,6 +13,7 @@ specials included), so a multimodal run's space is `tokenizer.space` itself.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -131,16 +132,18 @@ class MultimodalTokenizer:
         """`encode` of each sample, with each modality's contents encoded in one batched call
         where its tokenizer has `encode_batch` (a VQ codec: one encoder pass per 256 images
         instead of one per image) or `encode_clips` (an audio codec: clips of any lengths, in
-        batches). Equal to [encode(s) for s in samples]."""
+        batches), and each distinct content encoded once (the two reading orders of a pair hold
+        the same image or clip). Equal to [encode(s) for s in samples]."""
         where: dict[str, list[tuple[int, int]]] = {}  # modality -> (sample, segment) positions
         for i, sample in enumerate(samples):
             for j, seg in enumerate(sample):
                 where.setdefault(_segment(seg, j)[0], []).append((i, j))
         local: dict[tuple[int, int], Tensor] = {}
         for m, places in where.items():
-            contents = [samples[i][j][1] for i, j in places]
-            for place, ids in zip(places, self._encode_contents(m, contents)):
-                local[place] = _one_stream(ids)
+            distinct, which = _distinct([samples[i][j][1] for i, j in places])
+            encoded = self._encode_contents(m, distinct)
+            for place, k in zip(places, which):
+                local[place] = _one_stream(encoded[k])
         out = []
         for i, sample in enumerate(samples):
             segs = [(m, local[i, j]) for j, (m, _) in enumerate(sample)]
@@ -195,6 +198,38 @@ class MultimodalTokenizer:
 
     def load_state_dict(self, state: dict) -> None:
         """The parts' states travel inside `config()['init']`; nothing else to restore."""
+
+
+def _distinct(contents: list) -> tuple[list, list[int]]:
+    """(the distinct contents, the index into them of each content). Tensors are equal when
+    their dtype, shape and bytes are (found by a digest of the bytes, then checked); strings
+    when they are; anything else is taken as distinct."""
+    distinct: list = []
+    seen: dict[Any, list[int]] = {}  # key -> indices into distinct
+    which = []
+    for c in contents:
+        if isinstance(c, Tensor):
+            data = c.detach().cpu().contiguous()
+            key = (str(data.dtype), tuple(data.shape),
+                   hashlib.blake2b(data.reshape(-1).view(torch.uint8).numpy().tobytes(),
+                                   digest_size=16).digest() if data.numel() else b"")
+        elif isinstance(c, str):
+            key = c
+        else:
+            key = ("object", id(c))
+        match = next((k for k in seen.get(key, ()) if _same(distinct[k], c)), None)
+        if match is None:
+            match = len(distinct)
+            distinct.append(c)
+            seen.setdefault(key, []).append(match)
+        which.append(match)
+    return distinct, which
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    return a is b or (isinstance(a, str) and a == b)
 
 
 def _one_stream(ids: Tensor) -> Tensor:
