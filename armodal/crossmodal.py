@@ -35,6 +35,11 @@ def segment_prompt(tokenizer: MultimodalTokenizer, segments: Sequence[Segment], 
         body = [i for m, _ in segments for i in tokenizer.markers(m)]
     else:
         body = tokenizer.encode(segments).tolist()
+    return _opened(tokenizer, body, modality)
+
+
+def _opened(tokenizer: MultimodalTokenizer, body: list[int], modality: str) -> list[int]:
+    """<bos> body <bo{modality}>: a prompt ready for its next segment."""
     return [tokenizer.space.bos_id, *body, tokenizer.markers(modality)[0]]
 
 
@@ -71,7 +76,8 @@ def next_segment(model: nn.Module, tokenizer: MultimodalTokenizer,
             if m not in tokenizer.parts:
                 raise ValueError(f"prompt segment {i} is {m!r}, but this run has no {m!r} "
                                  f"tokenizer; its modalities: {', '.join(tokenizer.parts)}")
-    ids = [segment_prompt(tokenizer, segments, modality) for segments in prompts]
+    # every prompt's segments encoded in one call (an image codec: one batched encoder pass)
+    ids = [_opened(tokenizer, body.tolist(), modality) for body in tokenizer.encode_many(prompts)]
     step_masks, allowed, length = segment_masks(tokenizer, modality)
     end_id = tokenizer.markers(modality)[1]
     longest = max(len(p) for p in ids)

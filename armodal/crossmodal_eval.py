@@ -19,6 +19,7 @@ WAVs of the first generated clips land in <run>/eval/.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -171,14 +172,11 @@ def evaluate_speech_transcripts(run: LoadedRun, utterances: int | None = None,
     """CER of both directions on the held-out utterances (the first `utterances` of them)."""
     import soundfile as sf
 
-    from armodal.data.paired import SpeechTranscripts
-
     source = mixture_source(run, "SpeechTranscripts")
     if source is None:
         raise ValueError(f"{run.path} was not trained on speech transcripts (no "
                          f"SpeechTranscripts part in its mixture); this evaluation needs one")
-    _, val = SpeechTranscripts(source.corpus, "audio_text", source.val_fraction,
-                               source.silence, source.tail_seconds).split_samples()
+    _, val = dataclasses.replace(source, order="audio_text").split_samples()
     val = val[:utterances]
     model, tok = run.model.eval(), run.tokenizer
     codec = tok.part("audio")

@@ -97,7 +97,8 @@ class PrefixCaptioner(L.LightningModule):
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(decay_groups(self.parameters()))  # not a frozen codec
         scheduler = self.scheduler_factory(optimizer, total_steps=self.trainer.max_steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 def caption_rows(tokenizer, space: TokenSpace, captions: list[str], length: int | None = None
@@ -195,8 +196,7 @@ def caption_images(model: Transformer, encoder: ImagePrefix, tokenizer, space: T
         prefixed = PrefixedModel(model, encoder(chunk))
         out = generate(prefixed, [[space.bos_id, begin]] * len(chunk),
                        fit_to_context(config, prefixed, 2), allowed_mask=allowed)
-        lo = space.offset("text")
-        texts += [tokenizer.decode(torch.tensor([t - lo for t in seq if t != end]))
+        texts += [tokenizer.decode(space.to_local("text", [t for t in seq if t != end]))
                   for seq in out.sequences]
     return texts
 

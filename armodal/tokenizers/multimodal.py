@@ -114,10 +114,7 @@ class MultimodalTokenizer:
 
     def encode_segment(self, modality: str, content: Any) -> Tensor:
         """(S,) global ids of one segment, markers included."""
-        local = _one_stream(self.part(modality).encode(content))
-        if local.ndim != 1:
-            raise ValueError(f"the {modality!r} tokenizer gives {tuple(local.shape)} ids; a "
-                             f"multimodal sequence takes one stream per segment")
+        local = _one_stream(modality, self.part(modality).encode(content))
         return self.space.pack([(modality, local)], bos=False, eos=False)
 
     def encode(self, sample: Sequence[Segment]) -> Tensor:
@@ -143,16 +140,9 @@ class MultimodalTokenizer:
             distinct, which = _distinct([samples[i][j][1] for i, j in places])
             encoded = self._encode_contents(m, distinct)
             for place, k in zip(places, which):
-                local[place] = _one_stream(encoded[k])
-        out = []
-        for i, sample in enumerate(samples):
-            segs = [(m, local[i, j]) for j, (m, _) in enumerate(sample)]
-            for m, ids in segs:
-                if ids.ndim != 1:
-                    raise ValueError(f"the {m!r} tokenizer gives {tuple(ids.shape)} ids; a "
-                                     f"multimodal sequence takes one stream per segment")
-            out.append(self.space.pack(segs, bos=False, eos=False))
-        return out
+                local[place] = _one_stream(m, encoded[k])
+        return [self.space.pack([(m, local[i, j]) for j, (m, _) in enumerate(sample)],
+                                bos=False, eos=False) for i, sample in enumerate(samples)]
 
     def _encode_contents(self, modality: str, contents: list) -> list[Tensor]:
         part = self.part(modality)
@@ -201,40 +191,36 @@ class MultimodalTokenizer:
 
 
 def _distinct(contents: list) -> tuple[list, list[int]]:
-    """(the distinct contents, the index into them of each content). Tensors are equal when
-    their dtype, shape and bytes are (found by a digest of the bytes, then checked); strings
-    when they are; anything else is taken as distinct."""
+    """(the distinct contents, the index into them of each content). Tensors are the same when
+    their dtype, shape and bytes are (found by a digest of the bytes, confirmed by
+    torch.equal); strings when they are equal; anything else only when it is the same object."""
     distinct: list = []
-    seen: dict[Any, list[int]] = {}  # key -> indices into distinct
+    seen: dict[Any, int] = {}  # key -> index into distinct
     which = []
     for c in contents:
         if isinstance(c, Tensor):
             data = c.detach().cpu().contiguous()
-            key = (str(data.dtype), tuple(data.shape),
-                   hashlib.blake2b(data.reshape(-1).view(torch.uint8).numpy().tobytes(),
-                                   digest_size=16).digest() if data.numel() else b"")
-        elif isinstance(c, str):
-            key = c
+            key = (str(data.dtype), tuple(data.shape), hashlib.blake2b(
+                data.reshape(-1).view(torch.uint8).numpy().tobytes(), digest_size=16).digest())
         else:
-            key = ("object", id(c))
-        match = next((k for k in seen.get(key, ()) if _same(distinct[k], c)), None)
-        if match is None:
-            match = len(distinct)
+            key = c if isinstance(c, str) else ("object", id(c))
+        k = seen.get(key)
+        if k is None or (isinstance(c, Tensor) and not torch.equal(distinct[k], c)):
+            k = len(distinct)
             distinct.append(c)
-            seen.setdefault(key, []).append(match)
-        which.append(match)
+            seen.setdefault(key, k)
+        which.append(k)
     return distinct, which
 
 
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, Tensor) and isinstance(b, Tensor):
-        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-    return a is b or (isinstance(a, str) and a == b)
-
-
-def _one_stream(ids: Tensor) -> Tensor:
-    """A one-level codec's (1, T) codes as the (T,) stream a segment holds."""
-    return ids[0] if ids.ndim == 2 and ids.shape[0] == 1 else ids
+def _one_stream(modality: str, ids: Tensor) -> Tensor:
+    """A segment's (T,) ids: a one-level codec's (1, T) codes squeezed; several streams are an
+    error (a multimodal sequence holds one per segment)."""
+    ids = ids[0] if ids.ndim == 2 and ids.shape[0] == 1 else ids
+    if ids.ndim != 1:
+        raise ValueError(f"the {modality!r} tokenizer gives {tuple(ids.shape)} ids; a "
+                         f"multimodal sequence takes one stream per segment")
+    return ids
 
 
 def _segment(seg: Any, index: int) -> Segment:
