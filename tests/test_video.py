@@ -15,6 +15,7 @@ from armodal.data.video_module import VideoDataModule
 from armodal.generation import DecodingConfig, generate
 from armodal.model import ModelConfig, Transformer
 from armodal.tokenizers.image import PixelTokenizer
+from armodal.tokenizers.space import TokenSpace
 from armodal.videogen import (
     centre_of_mass,
     clip_panels,
@@ -213,3 +214,9 @@ def test_recipe_trains_end_to_end_and_writes_gif_and_strip(tmp_path, tiny_codec,
     assert (tmp_path / "cli" / "continuations.png").is_file()
     main(["eval", f"run={result.run_dir}"])
     assert "bits/dim" in capsys.readouterr().out
+    # The data rebuilt for a run must give the run's token space.
+    assert VideoDataModule.for_run(run.meta["train_config"], run.tokenizer, run.space).space \
+        .to_dict() == run.space.to_dict()
+    with pytest.raises(ValueError, match="the data or the tokenizer changed since training"):
+        VideoDataModule.for_run(run.meta["train_config"], run.tokenizer,
+                                TokenSpace({"image": 3}, {"image": ("<bof>", "<eof>")}))

@@ -27,7 +27,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from armodal.data.audio import AudioSet, AudioSource, split_audio
-from armodal.data.datamodule import WindowDataset, evenly_spaced, make_loader, make_train_loader
+from armodal.data.datamodule import (
+    WindowDataset,
+    check_run_space,
+    evenly_spaced,
+    make_loader,
+    make_train_loader,
+)
 from armodal.tokenizers.patterns import stream_pattern
 from armodal.tokenizers.space import TokenSpace
 
@@ -150,9 +156,7 @@ class AudioDataModule(L.LightningDataModule):
 
         audio = instantiate_from_run(train_config["domain"]["audio"], "domain.audio")
         dm = cls(audio, tokenizer, seed=train_config["seed"], **train_config["domain"]["data"])
-        if dm.space.to_dict() != space.to_dict():
-            raise ValueError(f"the run's tokenizer now gives the token space "
-                             f"{dm.space.to_dict()}, not the run's {space.to_dict()}")
+        check_run_space(dm.space, space)
         return dm
 
     def prepare_shards(self) -> AudioLayout:

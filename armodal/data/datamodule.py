@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, Subset
 from armodal.data.shards import TokenShards, build_or_load_shards
 from armodal.data.sources import DocumentSource
 from armodal.resume import ResumableLoader
+from armodal.tokenizers.space import TokenSpace
 
 
 def evenly_spaced(dataset: Dataset, count: int | None) -> Dataset:
@@ -22,6 +23,14 @@ def evenly_spaced(dataset: Dataset, count: int | None) -> Dataset:
     if count is None or count >= n:
         return dataset
     return Subset(dataset, np.linspace(0, n - 1, count).round().astype(int).tolist())
+
+
+def check_run_space(found: TokenSpace, trained: TokenSpace) -> None:
+    """A data module rebuilt for a run must give the run's token space; a ValueError if not."""
+    if found.to_dict() != trained.to_dict():
+        raise ValueError(f"the run's data now gives the token space {found.to_dict()}, not the "
+                         f"run's {trained.to_dict()}; the data or the tokenizer changed since "
+                         f"training")
 
 
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int, **kwargs: Any) -> DataLoader:

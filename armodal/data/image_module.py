@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from armodal.data.datamodule import make_loader, make_train_loader
+from armodal.data.datamodule import check_run_space, make_loader, make_train_loader
 from armodal.data.images import ImageSet, ImageSource, split_images
 from armodal.tokenizers.space import TokenSpace
 
@@ -141,10 +141,7 @@ class ImageDataModule(L.LightningDataModule):
         images = instantiate_from_run(train_config["domain"]["images"], "domain.images")
         dm = cls(images, tokenizer, seed=train_config["seed"],
                  **train_config["domain"]["data"])
-        if dm.prepare_shards().space.to_dict() != space.to_dict():
-            raise ValueError(f"the run's data now gives the token space "
-                             f"{dm.space.to_dict()}, not the run's {space.to_dict()}; the "
-                             f"data or the tokenizer changed since training")
+        check_run_space(dm.prepare_shards().space, space)
         return dm
 
     def prepare_shards(self) -> ImageLayout:
