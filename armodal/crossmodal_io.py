@@ -54,17 +54,14 @@ def read_image(path: str, tokenizer: Any) -> Tensor:
 
 
 def read_audio(path: str, tokenizer: Any) -> Tensor:
-    """(samples,) float waveform at the audio tokenizer's sample rate, mono."""
-    import soundfile as sf
-    import torchaudio.functional as AF
+    """(samples,) float waveform at the audio tokenizer's sample rate, channels mixed to mono;
+    read as the audio domains read files (an empty file or a damaged rate is refused)."""
+    from armodal.data.audio import read_audio as read_file
 
     try:
-        data, rate = sf.read(path, dtype="float32", always_2d=True)
-    except (OSError, RuntimeError, sf.LibsndfileError) as err:
+        return read_file(path, int(tokenizer.sample_rate))
+    except ValueError as err:
         raise ValueError(f"prompt_audio={path!r} cannot be read as audio: {err}") from None
-    wave = torch.from_numpy(data).mean(1)  # (samples,) mono
-    target = int(tokenizer.sample_rate)
-    return AF.resample(wave, rate, target) if rate != target else wave
 
 
 def write_segment(modality: str, contents: list, tokenizer: Any, out: Path) -> list[Path]:

@@ -314,6 +314,33 @@ def test_cli_generates_across_modalities_and_evaluates_both_directions(captions_
     assert (run / "eval" / "text_to_image.png").is_file()
 
 
+def test_prompt_audio_is_read_as_the_audio_domains_read_files(tmp_path):
+    """Mixed to mono, resampled to the tokenizer's rate (a co-prime rate directly, not through
+    a kernel of gigabytes); an unreadable file or a rate out of range is one clear error."""
+    import types
+
+    import soundfile as sf
+
+    from armodal.crossmodal_io import read_audio
+
+    at_16k = types.SimpleNamespace(sample_rate=16000)
+    stereo = tmp_path / "stereo.wav"
+    left = torch.linspace(-0.5, 0.5, 800)
+    sf.write(stereo, torch.stack([left, -left], 1).numpy(), 8000)
+    wave = read_audio(str(stereo), at_16k)
+    assert wave.shape == (1600,) and wave.abs().max() < 1e-3  # the two channels cancel
+    co_prime = tmp_path / "co_prime.wav"
+    sf.write(co_prime, left.numpy(), 204609)
+    assert read_audio(str(co_prime), at_16k).shape == (63,)  # ceil(800 * 16000 / 204609)
+    damaged = tmp_path / "damaged.wav"
+    sf.write(damaged, left.numpy(), 500)
+    with pytest.raises(ValueError, match=r"prompt_audio=.*damaged.wav.*500 Hz"):
+        read_audio(str(damaged), at_16k)
+    (tmp_path / "not_audio.wav").write_text("hello")
+    with pytest.raises(ValueError, match=r"prompt_audio=.*cannot be read as audio"):
+        read_audio(str(tmp_path / "not_audio.wav"), at_16k)
+
+
 def test_cli_refuses_unreadable_or_unknown_segments(captions_run, tmp_path, capsys):
     run = captions_run.run_dir
     bad = tmp_path / "not_an_image.png"
