@@ -239,7 +239,7 @@ class SampleSegments(L.Callback):
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         from armodal.crossmodal import next_segment
-        from armodal.imagegen import save_grid
+        from armodal.crossmodal_io import write_segment
 
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
@@ -251,16 +251,10 @@ class SampleSegments(L.Callback):
             outputs = [content for content, _ in next_segment(
                 pl_module.model, self.tokenizer, [s[:-1] for s in samples], modality,
                 self.decoding)]
-            if modality == "image":
-                save_grid(torch.stack(outputs), self.path / f"step_{step:06d}_{part}.png",
-                          nrow=len(outputs))
-            elif modality == "audio":
-                import soundfile as sf
-
-                rate = self.tokenizer.part("audio").sample_rate
-                for i, wave in enumerate(outputs[:2]):
-                    sf.write(self.path / f"step_{step:06d}_{part}_{i}.wav", wave.numpy(), rate)
-            elif modality == "text":
+            if modality == "text":  # one file for every validation, beside the truth
                 with open(self.path / "samples.txt", "a") as f:
                     f.writelines(f"step {step} {part}: {out!r} (truth {t!r})\n"
                                  for out, t in zip(outputs, truths))
+            else:  # a PNG grid, or the first two clips as WAVs
+                write_segment(modality, outputs if modality == "image" else outputs[:2],
+                              self.tokenizer.part(modality), self.path / f"step_{step:06d}_{part}")

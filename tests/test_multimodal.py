@@ -414,6 +414,10 @@ def test_a_speech_run_trains_and_reports_cer_both_ways(tmp_path, capsys):
     result = train(cfg)
     assert math.isfinite(result.metrics["val/loss_audio"])
     assert math.isfinite(result.metrics["val/loss_text"])
+    # each validation's samples: two spoken transcripts as WAVs, transcripts beside the truth
+    spoken = sorted(p.name for p in (result.run_dir / "samples").glob("*.wav"))
+    assert spoken == ["step_000006_text_to_speech_0.wav", "step_000006_text_to_speech_1.wav"]
+    assert "speech_to_text" in (result.run_dir / "samples" / "samples.txt").read_text()
     capsys.readouterr()
     main(["eval", f"run={result.run_dir}", "speech.utterances=2"])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
