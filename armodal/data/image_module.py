@@ -69,6 +69,13 @@ def image_space(tokenizer: Any, classes: list[str] | None) -> TokenSpace:
     return TokenSpace({**modalities, "image": tokenizer.vocab_size}, IMAGE_MARKERS)
 
 
+def image_units(tokenizer: Any, space: TokenSpace) -> tuple[float, str, tuple[int, int]]:
+    """(dims per code token, "dim", the code tokens' global id range): bits per dim are over
+    the image codes alone, not markers or labels (image and video runs alike)."""
+    lo = space.offset("image")
+    return float(tokenizer.dims_per_code), "dim", (lo, lo + tokenizer.layout.n_codes)
+
+
 def image_sequences(layout: ImageLayout, tokenizer: Any, data: ImageSet) -> Tensor:
     """(N, L) int64 global ids: each image's prefix, codes, <eoi>, <eos>."""
     s = layout.space
@@ -171,9 +178,7 @@ class ImageDataModule(L.LightningDataModule):
         return self.val_sequences.shape[1] - 1
 
     def units(self) -> tuple[float, str, tuple[int, int]]:
-        """(dims per code token, "dim", the code tokens' global id range) for bits per dim."""
-        lo = self.prepare_shards().space.offset("image")
-        return float(self.tokenizer.dims_per_code), "dim", (lo, lo + self.tokenizer.layout.n_codes)
+        return image_units(self.tokenizer, self.prepare_shards().space)
 
     def run_meta(self) -> dict:
         """What a run directory needs to rebuild prompts: `{"image": ImageLayout.to_dict()}`."""

@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from armodal.data.datamodule import check_run_space, make_loader, make_train_loader
+from armodal.data.image_module import image_units
 from armodal.data.images import split_images
 from armodal.data.video import ClipSet, MovingDigits
 from armodal.tokenizers.space import TokenSpace
@@ -178,9 +179,7 @@ class VideoDataModule(L.LightningDataModule):
         return self.val_sequences.shape[1] - 1
 
     def units(self) -> tuple[float, str, tuple[int, int]]:
-        """(dims per code token, "dim", the code tokens' global id range) for bits per dim."""
-        lo = self.prepare_shards().space.offset("image")
-        return float(self.tokenizer.dims_per_code), "dim", (lo, lo + self.tokenizer.layout.n_codes)
+        return image_units(self.tokenizer, self.prepare_shards().space)
 
     def run_meta(self) -> dict:
         """What a run directory needs to rebuild prompts: `{"video": VideoLayout.to_dict()}`."""
